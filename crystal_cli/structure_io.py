@@ -1,0 +1,127 @@
+"""Writing structures and per-item logs the way long jobs need: append-as-you-go, never half-written.
+
+A multi-block CIF is appended one complete block at a time (flushed), so a killed run leaves a valid file of
+what finished; whole-file outputs go through a temporary file and os.replace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from pymatgen.core import Structure
+from pymatgen.io.cif import CifWriter
+
+FORMATS = ("cif", "extxyz", "jsonl")
+
+
+def cif_block(structure: Structure, name: str) -> str:
+    """One CIF data block named `name` (spaces and other separators replaced so readers accept it)."""
+    text = str(CifWriter(structure))
+    safe = "".join(ch if ch.isalnum() or ch in "-_.()" else "_" for ch in name) or "structure"
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("data_"):
+            lines[i] = f"data_{safe}"
+            break
+    return "\n".join(lines).rstrip() + "\n\n"
+
+
+def extxyz_frame(structure: Structure, name: str) -> str:
+    """One extxyz frame with the lattice and pbc, `id` stored in the comment line."""
+    import io
+
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    atoms = AseAtomsAdaptor.get_atoms(structure)
+    atoms.info["id"] = name
+    buffer = io.StringIO()
+    write(buffer, atoms, format="extxyz")
+    return buffer.getvalue()
+
+
+def structure_record(structure: Structure, name: str) -> str:
+    return json.dumps({"id": name, "structure": structure.as_dict()}) + "\n"
+
+
+_WRITERS = {"cif": cif_block, "extxyz": extxyz_frame, "jsonl": structure_record}
+
+
+def format_for(path: Path, fmt: str | None = None) -> str:
+    """The output format: explicit, else from the file suffix (default cif)."""
+    if fmt:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        return fmt
+    suffix = path.suffix.lower().lstrip(".")
+    return {"xyz": "extxyz"}.get(suffix, suffix) if suffix in ("extxyz", "xyz", "jsonl") else "cif"
+
+
+class StructureAppender:
+    """Appends complete structure records to one file, flushing after each, so partial runs stay valid."""
+
+    def __init__(self, path: str | Path, fmt: str | None = None, mode: str = "a"):
+        self.path = Path(path)
+        self.fmt = format_for(self.path, fmt)
+        self._handle: IO[str] = self.path.open(mode)
+
+    def append(self, structure: Structure, name: str) -> None:
+        self._handle.write(_WRITERS[self.fmt](structure, name))
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> StructureAppender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_structures(path: str | Path, named: Iterable[tuple[str, Structure]], fmt: str | None = None) -> int:
+    """Write all structures to `path` atomically (temporary file + rename). Returns how many."""
+    path = Path(path)
+    count = 0
+    with atomic_path(path) as tmp, StructureAppender(tmp, format_for(path, fmt), mode="w") as out:
+        for name, structure in named:
+            out.append(structure, name)
+            count += 1
+    return count
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary sibling path that replaces `path` only if the block finishes without error."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def append_jsonl(handle: IO[str], row: dict) -> None:
+    """One json object per line, flushed: the log format of every long job."""
+    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    handle.flush()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a jsonl file; a torn last line (killed mid-write) is ignored."""
+    rows = []
+    path = Path(path)
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
