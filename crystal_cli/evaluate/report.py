@@ -1,0 +1,178 @@
+"""The report of an evaluation: one dict (written as report.json) with settings, counts, every rate with its
+count and 95 % Wilson interval, and package versions; plus the per-structure csv and the relaxed structures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from crystal_cli import __version__
+from crystal_cli.evaluate.matching import MATCHER_SETTINGS
+from crystal_cli.evaluate.pipeline import EvaluateOptions, Evaluation, SampleResult
+from crystal_cli.evaluate.stability import METASTABLE_THRESHOLD, STABLE_THRESHOLD
+from crystal_cli.evaluate.stats import wilson
+from crystal_cli.evaluate.validity import MIN_DISTANCE, MIN_VOLUME
+from crystal_cli.structure_io import atomic_path, write_structures
+
+PACKAGES = ("pymatgen", "smact", "matminer", "chgnet", "matgl", "torch", "ase", "numpy", "scipy")
+CSV_COLUMNS = (
+    "id", "source", "formula", "n_sites", "parse_error", "parse_detail", "structural_valid", "structural_reason",
+    "compositional_valid", "compositional_reason", "valid", "unique", "novel", "energy_per_atom",
+    "formation_energy_per_atom", "e_above_hull", "metastable", "stable", "sun", "relax_steps", "relax_converged",
+    "relax_seconds", "stability_error", "stability_detail", "relaxed_structure",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"crystal": __version__}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _rate(k: int, n: int) -> dict:
+    return wilson(k, n).as_dict()
+
+
+def _quantiles(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    array = np.array(values)
+    return {"mean": float(array.mean()), "median": float(np.median(array)),
+            "p10": float(np.quantile(array, 0.1)), "p90": float(np.quantile(array, 0.9)), "n": len(values)}
+
+
+def settings_of(options: EvaluateOptions, samples_path: Path) -> dict:
+    settings = asdict(options)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()}
+    settings["samples"] = str(samples_path)
+    settings["structure_matcher"] = MATCHER_SETTINGS
+    settings["validity"] = {"min_distance_A": MIN_DISTANCE, "min_volume_A3": MIN_VOLUME,
+                            "composition": "SMACT charge neutrality + Pauling test; elements and alloys pass"}
+    settings["thresholds_eV_per_atom"] = {"metastable": METASTABLE_THRESHOLD, "stable": STABLE_THRESHOLD}
+    return settings
+
+
+def build_report(evaluation: Evaluation, options: EvaluateOptions, samples_path: Path) -> dict:
+    samples = evaluation.samples
+    n = len(samples)
+    parsed = [s for s in samples if s.validity is not None]
+    valid = [s for s in samples if s.valid]
+    parse_failures = Counter(s.entry.error for s in samples if s.entry.structure is None)
+    invalid_reasons = Counter(parse_failures)
+    for s in parsed:
+        if not s.validity.structural:
+            invalid_reasons[s.validity.structural_reason] += 1
+        if not s.validity.compositional:
+            invalid_reasons[f"smact_{s.validity.compositional_reason}"] += 1
+    report: dict = {
+        "settings": settings_of(options, samples_path),
+        "versions": package_versions(),
+        "counts": {"entries": n, "structures": len(parsed), "valid": len(valid),
+                   "parse_failures": dict(parse_failures), **evaluation.reference_sizes},
+        "validity": {
+            "structural": _rate(sum(s.validity.structural for s in parsed), n),
+            "compositional": _rate(sum(s.validity.compositional for s in parsed), n),
+            "overall": _rate(len(valid), n),
+            "invalid_reasons": dict(invalid_reasons.most_common()),
+        },
+        "uniqueness": _rate(sum(bool(s.unique) for s in valid), len(valid)),
+        "timings_s": evaluation.timings,
+    }
+    if options.reference is not None:
+        report["novelty"] = _rate(sum(bool(s.novel) for s in valid), len(valid))
+        report["unique_and_novel"] = _rate(sum(bool(s.novel and s.unique) for s in valid), len(valid))
+    if evaluation.coverage is not None:
+        report["coverage"] = evaluation.coverage
+    if evaluation.distribution is not None:
+        report["distribution"] = evaluation.distribution
+    if evaluation.stability_indices is not None:
+        report["stability"] = _stability_section(evaluation, options)
+    return report
+
+
+def _stability_section(evaluation: Evaluation, options: EvaluateOptions) -> dict:
+    chosen = [evaluation.samples[i] for i in evaluation.stability_indices]
+    records = [s.stability for s in chosen]
+    k = len(chosen)
+    relaxed = [r for r in records if r.energy_per_atom is not None]
+    section: dict = {
+        "potential": options.potential,
+        "sampled": k,
+        "relaxed": len(relaxed),
+        "converged": sum(r.converged for r in records),
+        "failures": dict(Counter(r.error for r in records if r.error).most_common()),
+        "energy_per_atom": _quantiles([r.energy_per_atom for r in relaxed if r.error is None]),
+        "seconds_per_relaxation": _quantiles([r.seconds for r in records if r.steps > 0]),
+    }
+    if options.hull is not None:
+        e_hull = [r.e_above_hull for r in records if r.error is None and r.e_above_hull is not None]
+        section["hull"] = str(options.hull)
+        section["e_above_hull"] = _quantiles(e_hull)
+        section["metastable"] = _rate(sum(r.metastable for r in records), k)
+        section["stable"] = _rate(sum(r.stable for r in records), k)
+        if options.reference is not None:
+            section["sun"] = _rate(sum(bool(s.sun) for s in chosen), k)
+    return section
+
+
+def write_json(report: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
+
+
+def _csv_row(sample: SampleResult, relaxed_path: Path | None) -> dict:
+    entry, v, r = sample.entry, sample.validity, sample.stability
+    row = {
+        "id": entry.id, "source": entry.source,
+        "formula": entry.structure.composition.reduced_formula if entry.structure is not None else "",
+        "n_sites": len(entry.structure) if entry.structure is not None else "",
+        "parse_error": entry.error or "", "parse_detail": entry.detail,
+        "structural_valid": v.structural if v else False, "structural_reason": v.structural_reason if v else "",
+        "compositional_valid": v.compositional if v else False,
+        "compositional_reason": v.compositional_reason if v else "",
+        "valid": sample.valid, "unique": sample.unique, "novel": sample.novel, "sun": sample.sun,
+    }
+    if r is not None:
+        row.update({
+            "energy_per_atom": r.energy_per_atom, "formation_energy_per_atom": r.formation_energy_per_atom,
+            "e_above_hull": r.e_above_hull, "metastable": r.metastable if r.e_above_hull is not None else None,
+            "stable": r.stable if r.e_above_hull is not None else None, "relax_steps": r.steps,
+            "relax_converged": r.converged, "relax_seconds": round(r.seconds, 3), "stability_error": r.error or "",
+            "stability_detail": r.detail,
+            "relaxed_structure": f"{relaxed_path}#{entry.id}" if relaxed_path and r.relaxed is not None else "",
+        })
+    return {k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS}
+
+
+def write_csv(evaluation: Evaluation, path: str | Path, relaxed_path: Path | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for sample in evaluation.samples:
+            writer.writerow(_csv_row(sample, relaxed_path))
+    return path
+
+
+def write_relaxed(evaluation: Evaluation, path: str | Path) -> int:
+    """Relaxed structures as one multi-block CIF, blocks named by entry id."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    named = [(s.entry.id, s.stability.relaxed) for s in evaluation.samples
+             if s.stability is not None and s.stability.relaxed is not None]
+    return write_structures(path, named, fmt="cif")

@@ -1,0 +1,363 @@
+"""Paired data for flow matching (FlowLLM): each training crystal c1 with one or more base samples c0 of the
+same composition, their sites put in correspondence.
+
+A base sample comes from one of three sources: the LLM prompted with c1's formula (`LLMSamples`), a file of
+LLM samples matched by reduced formula and atom count (`FileSamples`), or c1 itself perturbed in
+coordinates and lattice (`PerturbedSamples`, for tests and ablations). Alignment assigns c0's sites to c1's
+within each element by minimum periodic distance (Hungarian assignment), after the best of a few candidate
+translations, and stores c1 reordered and shifted to match c0 site by site.
+
+Pairs are appended to OUTDIR/pairs.jsonl as they are produced and each finished target is logged in
+OUTDIR/progress.jsonl, so an interrupted run resumes where it stopped with identical results (the random
+stream is seeded per target).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from pymatgen.core import Lattice, Structure
+from scipy.optimize import linear_sum_assignment
+
+from crystal_cli.datasets import read_structures
+from crystal_cli.errors import CrystalError
+from crystal_cli.flow.manifolds import (
+    euclidean_to_lattice,
+    mean_periodic_distance,
+    reduce_if_needed,
+    structure_lattice_vector,
+)
+from crystal_cli.structure_io import append_jsonl, read_jsonl
+
+PAIRS_FILE = "pairs.jsonl"
+PROGRESS_FILE = "progress.jsonl"
+STATS_FILE = "stats.json"
+MAX_Z = 103  # element embedding size; heavier elements are skipped
+
+
+def target_rng(seed: int, key: str) -> np.random.Generator:
+    """Random stream of one target: independent of processing order, so resumed runs match fresh ones."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode())])
+
+
+# ------------------------------------------------------------------------------------------- alignment
+
+
+def periodic_cost(f0: np.ndarray, f1: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """(n0, n1) Cartesian minimum-image distances (Å) between fractional points, in the lattice `matrix`."""
+    delta = f1[None, :, :] - f0[:, None, :]
+    delta -= np.round(delta)
+    return np.linalg.norm(delta @ matrix, axis=-1)
+
+
+def align_sites(c0: Structure, c1: Structure) -> tuple[np.ndarray, np.ndarray] | None:
+    """Which c1 site corresponds to each c0 site, and the shift that brings c1 onto c0.
+
+    Returns (order, shift) with c1[order[i]] - shift matching c0[i], or None when the element multisets
+    differ. Candidate shifts superpose one site of the rarest element of c0 onto each same-element site of c1
+    (plus no shift); the one with the smallest total assignment distance wins.
+    """
+    species0 = [site.specie.symbol for site in c0]
+    species1 = [site.specie.symbol for site in c1]
+    if sorted(species0) != sorted(species1):
+        return None
+    by_element0: dict[str, list[int]] = defaultdict(list)
+    by_element1: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(species0):
+        by_element0[s].append(i)
+    for j, s in enumerate(species1):
+        by_element1[s].append(j)
+    f0, f1 = c0.frac_coords, c1.frac_coords
+    matrix = c1.lattice.matrix
+    anchor = min(by_element0, key=lambda s: (len(by_element0[s]), s))
+    a0 = by_element0[anchor][0]
+    shifts = [np.zeros(3)] + [f1[j] - f0[a0] for j in by_element1[anchor]]
+
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    for shift in shifts:
+        order = np.empty(len(c0), dtype=int)
+        total = 0.0
+        for element, rows in by_element0.items():
+            cols = by_element1[element]
+            cost = periodic_cost(f0[rows] + shift, f1[cols], matrix)
+            r, c = linear_sum_assignment(cost)
+            total += float(cost[r, c].sum())
+            order[np.asarray(rows)[r]] = np.asarray(cols)[c]
+        if best is None or total < best[0] - 1e-9:
+            best = (total, order, shift)
+    return best[1], best[2]
+
+
+def aligned_target(c0: Structure, c1: Structure) -> Structure | None:
+    """c1 with its sites reordered and translated to correspond to c0's, or None if compositions differ."""
+    alignment = align_sites(c0, c1)
+    if alignment is None:
+        return None
+    order, shift = alignment
+    frac = (c1.frac_coords[order] - shift) % 1.0
+    return Structure(c1.lattice, [c1[int(j)].specie for j in order], frac)
+
+
+# ---------------------------------------------------------------------------------------- base samples
+
+
+class SampleSource(Protocol):
+    """Draws base samples c0 for a target; a string in the result is a failure reason (counted, skipped)."""
+
+    name: str
+
+    def draw(self, target: Structure, count: int, rng: np.random.Generator) -> list[Structure | str]: ...
+
+
+@dataclass
+class PerturbedSamples:
+    """c1 itself, moved: Gaussian fractional-coordinate noise, lattice noise on the flow's 6-vector (log
+    lengths, logit angles), a random origin shift and a random site order."""
+
+    coord_noise: float = 0.05
+    lattice_noise: float = 0.05
+    name: str = "perturb"
+
+    def draw(self, target: Structure, count: int, rng: np.random.Generator) -> list[Structure | str]:
+        out: list[Structure | str] = []
+        base = structure_lattice_vector(target).numpy()
+        for _ in range(count):
+            vec = base + rng.normal(0.0, self.lattice_noise, size=6)
+            lengths, angles = euclidean_to_lattice(torch.from_numpy(vec))
+            lattice = Lattice.from_parameters(*lengths.tolist(), *angles.tolist())
+            frac = target.frac_coords + rng.normal(0.0, self.coord_noise, size=target.frac_coords.shape)
+            frac = (frac + rng.uniform(size=3)) % 1.0
+            order = rng.permutation(len(target))
+            out.append(Structure(lattice, [target[int(i)].specie for i in order], frac[order]))
+        return out
+
+
+class FileSamples:
+    """LLM samples read from a file (CIF, jsonl, any format crystal reads), matched to targets by reduced
+    formula and atom count; each target gets up to `count` distinct samples chosen by its seeded stream."""
+
+    name = "file"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.pool: dict[tuple[str, int], list[Structure]] = defaultdict(list)
+        self.unreadable: Counter = Counter()
+        for entry in read_structures(self.path):
+            if entry.structure is None:
+                self.unreadable[entry.error or "unreadable"] += 1
+            else:
+                self.pool[_match_key(entry.structure)].append(entry.structure)
+        if not self.pool:
+            raise CrystalError(f"{self.path}: no readable samples ({dict(self.unreadable) or 'empty'})")
+
+    def draw(self, target: Structure, count: int, rng: np.random.Generator) -> list[Structure | str]:
+        candidates = self.pool.get(_match_key(target), [])
+        if not candidates:
+            return ["no_matching_sample"]
+        chosen = rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)
+        return [candidates[int(i)] for i in chosen]
+
+
+def _match_key(structure: Structure) -> tuple[str, int]:
+    return structure.composition.reduced_formula, len(structure)
+
+
+# ------------------------------------------------------------------------------------------ the build
+
+
+@dataclass
+class PairOptions:
+    samples_per_target: int = 1
+    seed: int = 0
+    max_atoms: int | None = None
+    max_targets: int | None = None
+
+
+@dataclass
+class PairStats:
+    targets: int = 0
+    pairs: int = 0
+    resumed_targets: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count (targets or samples)
+
+
+def make_pair(pair_id: str, target_id: str, c0: Structure, c1: Structure, source: str) -> dict | str:
+    """One pairs.jsonl row, or the reason the sample cannot pair with the target."""
+    c0, reduced0 = reduce_if_needed(c0)
+    c1, _ = reduce_if_needed(c1)
+    if max(site.specie.Z for site in c0) > MAX_Z:
+        return "element_out_of_range"
+    target = aligned_target(c0, c1)
+    if target is None:
+        return "composition_mismatch"
+    return {
+        "id": pair_id,
+        "target_id": target_id,
+        "source": source,
+        "n_atoms": len(c0),
+        "distance": round(mean_periodic_distance(c0, target), 5),
+        "c0_reduced": reduced0,
+        "c0": c0.as_dict(),
+        "c1": target.as_dict(),
+    }
+
+
+def build_pairs(
+    targets: str | Path,
+    outdir: str | Path,
+    source: SampleSource,
+    options: PairOptions,
+    resume: bool = False,
+    progress: Callable[[int | None], None] | None = None,
+) -> dict:
+    """Pairs for every target under `targets`, appended to OUTDIR/pairs.jsonl. Returns the stats that are
+    also written to OUTDIR/stats.json. `progress(total)` is called once with the number of targets (or None),
+    then with None after each target."""
+    outdir = Path(outdir)
+    pairs_path, progress_path = outdir / PAIRS_FILE, outdir / PROGRESS_FILE
+    if pairs_path.exists() and not resume:
+        raise CrystalError(f"{outdir}: already holds {PAIRS_FILE}; pass --resume to continue it or choose another -o")
+    outdir.mkdir(parents=True, exist_ok=True)
+    done = _restore(pairs_path, progress_path) if resume else set()
+    stats = PairStats(resumed_targets=len(done))
+
+    entries = list(_targets(targets, options, stats))
+    if progress:
+        progress(len(entries))
+    with pairs_path.open("a") as pairs_out, progress_path.open("a") as progress_out:
+        for entry_id, target in entries:
+            if entry_id in done:
+                if progress:
+                    progress(None)
+                continue
+            rng = target_rng(options.seed, entry_id)
+            made, reasons = 0, Counter()
+            for k, sample in enumerate(source.draw(target, options.samples_per_target, rng)):
+                row = sample if isinstance(sample, str) else make_pair(
+                    f"{entry_id}#{k}", entry_id, sample, target, source.name
+                )
+                if isinstance(row, str):
+                    reasons[row] += 1
+                    continue
+                append_jsonl(pairs_out, row)
+                made += 1
+            append_jsonl(progress_out, {"target_id": entry_id, "pairs": made, "skipped": dict(reasons)})
+            stats.targets += 1
+            stats.pairs += made
+            stats.skipped.update(reasons)
+            if progress:
+                progress(None)
+
+    rows = read_jsonl(pairs_path)
+    result = {
+        "targets": str(targets),
+        "source": source.name,
+        "options": asdict(options),
+        "this_run": {**asdict(stats), "skipped": dict(stats.skipped)},
+        "total_pairs": len(rows),
+        "total_targets_done": len(read_jsonl(progress_path)),
+    }
+    tmp = outdir / f".{STATS_FILE}.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, outdir / STATS_FILE)
+    return result
+
+
+def _targets(path: str | Path, options: PairOptions, stats: PairStats) -> Iterator[tuple[str, Structure]]:
+    """(unique id, structure) of usable targets; unusable rows are counted in stats.skipped."""
+    seen: Counter = Counter()
+    taken = 0
+    for entry in read_structures(path):
+        if options.max_targets is not None and taken >= options.max_targets:
+            return
+        if entry.structure is None:
+            stats.skipped[entry.error or "unreadable"] += 1
+            continue
+        if options.max_atoms is not None and len(entry.structure) > options.max_atoms:
+            stats.skipped["too_many_atoms"] += 1
+            continue
+        seen[entry.id] += 1
+        key = entry.id if seen[entry.id] == 1 else f"{entry.id}~{seen[entry.id]}"
+        taken += 1
+        yield key, entry.structure
+
+
+def _restore(pairs_path: Path, progress_path: Path) -> set[str]:
+    """Targets already finished; pair rows of an unfinished target (killed mid-target) are dropped."""
+    finished = {row["target_id"] for row in read_jsonl(progress_path)}
+    for path, keep in ((progress_path, lambda r: True), (pairs_path, lambda r: r.get("target_id") in finished)):
+        if not path.exists():
+            continue
+        rows = [r for r in read_jsonl(path) if keep(r)]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w") as handle:
+            for row in rows:
+                append_jsonl(handle, row)
+        os.replace(tmp, path)
+    return finished
+
+
+# ----------------------------------------------------------------------------------------- reading back
+
+
+@dataclass
+class Pair:
+    """Tensors of one pair: atomic numbers, c0/c1 fractional coordinates, c0/c1 lattice 6-vectors."""
+
+    id: str
+    target_id: str
+    numbers: torch.Tensor
+    f0: torch.Tensor
+    f1: torch.Tensor
+    l0: torch.Tensor
+    l1: torch.Tensor
+
+
+def pair_from_row(row: dict) -> Pair:
+    c0 = Structure.from_dict(row["c0"])
+    c1 = Structure.from_dict(row["c1"])
+    return Pair(
+        id=row["id"],
+        target_id=row["target_id"],
+        numbers=torch.tensor([site.specie.Z for site in c0], dtype=torch.long),
+        f0=torch.tensor(c0.frac_coords, dtype=torch.float32),
+        f1=torch.tensor(c1.frac_coords, dtype=torch.float32),
+        l0=structure_lattice_vector(c0).float(),
+        l1=structure_lattice_vector(c1).float(),
+    )
+
+
+def load_pairs(path: str | Path) -> list[Pair]:
+    """Pairs from a pairs directory (its pairs.jsonl) or a pairs jsonl file."""
+    path = Path(path)
+    file = path / PAIRS_FILE if path.is_dir() else path
+    if not file.exists():
+        raise CrystalError(f"{path}: no {PAIRS_FILE} (build one with `crystal flow pairs`)")
+    pairs = []
+    for number, row in enumerate(read_jsonl(file), start=1):
+        try:
+            pairs.append(pair_from_row(row))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CrystalError(f"{file}:{number}: not a pair row ({exc})") from None
+    if not pairs:
+        raise CrystalError(f"{file}: holds no pairs")
+    return pairs
+
+
+def split_pairs(pairs: Sequence[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Train/validation split by target (all samples of one target on the same side), seeded."""
+    if val_fraction <= 0:
+        return list(pairs), []
+    val_targets = {p.target_id for p in pairs if target_rng(seed, "val:" + p.target_id).random() < val_fraction}
+    train = [p for p in pairs if p.target_id not in val_targets]
+    val = [p for p in pairs if p.target_id in val_targets]
+    return (train, val) if train else (list(pairs), [])

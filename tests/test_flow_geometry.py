@@ -1,0 +1,197 @@
+"""Flat torus and lattice maps (crystal_cli.flow.manifolds) and pair building (crystal_cli.flow.pairs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+from pymatgen.core.structure import Structure as PmgStructure
+
+from crystal_cli.errors import CrystalError
+from crystal_cli.flow import manifolds as M
+from crystal_cli.flow.pairs import (
+    FileSamples,
+    PairOptions,
+    PerturbedSamples,
+    align_sites,
+    aligned_target,
+    build_pairs,
+    load_pairs,
+    split_pairs,
+)
+from crystal_cli.structure_io import write_structures
+
+
+@pytest.fixture(scope="module")
+def structures() -> dict[str, Structure]:
+    """Small ordered crystals written out site by site (conftest's from_spacegroup fixture costs ~7 s)."""
+    return {
+        "NaCl": Structure(Lattice.from_parameters(4.02, 4.02, 4.02, 60, 60, 60), ["Na", "Cl"],
+                          [[0, 0, 0], [0.5, 0.5, 0.5]]),
+        "Si": Structure(Lattice.from_parameters(3.87, 3.87, 3.87, 60, 60, 60), ["Si", "Si"],
+                        [[0, 0, 0], [0.25, 0.25, 0.25]]),
+        "LiFePO4-like": Structure(
+            Lattice.from_parameters(10.3, 6.0, 4.7, 90, 90, 90),
+            ["Li", "Fe", "P", "O", "O", "O", "O"],
+            [[0, 0, 0], [0.28, 0.25, 0.97], [0.09, 0.25, 0.42], [0.1, 0.25, 0.74], [0.46, 0.25, 0.21],
+             [0.17, 0.05, 0.28], [0.17, 0.45, 0.28]],
+        ),
+        "CsCl": Structure(Lattice.cubic(4.12), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+        "ZnO-hex": Structure(
+            Lattice.hexagonal(3.25, 5.21), ["Zn", "Zn", "O", "O"],
+            [[1 / 3, 2 / 3, 0], [2 / 3, 1 / 3, 0.5], [1 / 3, 2 / 3, 0.38], [2 / 3, 1 / 3, 0.88]],
+        ),
+    }
+
+
+def torus_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return M.torus_log(a, b).abs().max()
+
+
+def test_torus_log_exp_round_trip():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200, 3, generator=g, dtype=torch.float64)
+    y = torch.rand(200, 3, generator=g, dtype=torch.float64)
+    u = M.torus_log(x, y)
+    assert u.abs().max() <= 0.5 + 1e-12  # the shortest way round
+    assert torus_distance(M.torus_exp(x, u), y) < 1e-12
+    assert torch.all((M.torus_exp(x, u) >= 0) & (M.torus_exp(x, u) < 1))
+    # log of exp recovers any tangent vector shorter than half a cell
+    small = (torch.rand(200, 3, generator=g, dtype=torch.float64) - 0.5) * 0.98
+    assert torch.allclose(M.torus_log(x, M.torus_exp(x, small)), small, atol=1e-12)
+
+
+def test_torus_wraps_around_the_cell_edge():
+    x = torch.tensor([0.95, 0.05, 0.5], dtype=torch.float64)
+    y = torch.tensor([0.05, 0.95, 0.5], dtype=torch.float64)
+    assert torch.allclose(M.torus_log(x, y), torch.tensor([0.1, -0.1, 0.0], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(M.torus_exp(x, torch.tensor([0.1, -0.1, 0.0], dtype=torch.float64)), y, atol=1e-12)
+    # the geodesic midpoint between 0.9 and 0.1 is the cell corner, not 0.5
+    mid = M.torus_geodesic(torch.tensor([0.9]), torch.tensor([0.1]), torch.tensor(0.5))
+    assert torus_distance(mid, torch.tensor([0.0])) < 1e-6
+    assert torus_distance(M.torus_geodesic(x, y, torch.tensor(1.0, dtype=torch.float64)), y) < 1e-12
+
+
+def test_remove_mean_zeroes_each_cell_drift():
+    u = torch.randn(7, 3, generator=torch.Generator().manual_seed(1))
+    graph = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    out = M.remove_mean(u, graph, 2)
+    assert torch.allclose(out[:3].mean(0), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(out[3:].mean(0), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(out[:3] - out[0], u[:3] - u[0], atol=1e-6)  # only the drift went
+
+
+def test_lattice_maps_are_inverse_and_match_pymatgen():
+    g = torch.Generator().manual_seed(2)
+    lengths = 2 + 18 * torch.rand(100, 3, generator=g, dtype=torch.float64)
+    angles = 60.5 + 59 * torch.rand(100, 3, generator=g, dtype=torch.float64)
+    x = M.lattice_to_euclidean(lengths, angles)
+    back_lengths, back_angles = M.euclidean_to_lattice(x)
+    assert torch.allclose(back_lengths, lengths, atol=1e-10)
+    assert torch.allclose(back_angles, angles, atol=1e-9)
+    # and the other way round: any point of R^6 is a lattice that maps back to itself
+    z = 3 * torch.randn(100, 6, generator=g, dtype=torch.float64)
+    assert torch.allclose(M.lattice_to_euclidean(*M.euclidean_to_lattice(z)), z, atol=1e-6)
+    for a, b in zip(lengths[:5], angles[:5]):
+        expected = Lattice.from_parameters(*a.tolist(), *b.tolist()).matrix
+        got = M.lattice_matrix(a, b).numpy()
+        assert np.allclose(got, expected, atol=1e-8)
+
+
+def test_angles_outside_the_interval_are_clamped_or_niggli_reduced(structures):
+    x = M.lattice_to_euclidean(torch.tensor([4.0, 4.0, 4.0]), torch.tensor([45.0, 90.0, 150.0]))
+    assert torch.isfinite(x).all()
+    _, angles = M.euclidean_to_lattice(x)
+    assert M.ANGLE_LOW < angles.min() and angles.max() < M.ANGLE_HIGH
+
+    skewed = Structure(Lattice.from_parameters(3.0, 3.0, 7.0, 90, 90, 30), ["Na", "Cl", "Cl"],
+                       [[0, 0, 0], [0.5, 0.5, 0.5], [0.1, 0.7, 0.2]])
+    reduced, changed = M.reduce_if_needed(skewed)
+    assert changed and M.in_angle_range(reduced.lattice)
+    assert [s.specie.symbol for s in reduced] == ["Na", "Cl", "Cl"]
+    assert np.isclose(reduced.volume, skewed.volume)
+    assert np.allclose(np.sort(reduced.distance_matrix, axis=None), np.sort(skewed.distance_matrix, axis=None), atol=1e-6)
+    nacl = structures["NaCl"]
+    assert M.reduce_if_needed(nacl) == (nacl, False)
+
+
+def test_mean_periodic_distance_ignores_origin_and_sees_displacement(structures):
+    s = structures["LiFePO4-like"]
+    shifted = s.copy()
+    shifted.translate_sites(range(len(s)), [0.37, 0.81, 0.55], frac_coords=True, to_unit_cell=True)
+    assert M.mean_periodic_distance(shifted, s) < 1e-6
+    moved = s.copy()
+    moved.translate_sites([0], [0.1, 0, 0], frac_coords=True, to_unit_cell=True)
+    d = M.mean_periodic_distance(moved, s)
+    # 1.03 Å on one of 7 sites; the common shift (1/7 of it) is removed: 1.03 · 12/49 ≈ 0.25 Å
+    assert 0.22 < d < 0.27
+
+
+# ------------------------------------------------------------------------------------------------ pairs
+
+
+def test_alignment_recovers_permutation_and_translation(structures):
+    target = structures["LiFePO4-like"]
+    rng = np.random.default_rng(0)
+    sample = PerturbedSamples(coord_noise=0.01, lattice_noise=0.0).draw(target, 1, rng)[0]
+    assert [s.specie.symbol for s in sample] != [s.specie.symbol for s in target]  # really shuffled
+    aligned = aligned_target(sample, target)
+    assert [s.specie.symbol for s in aligned] == [s.specie.symbol for s in sample]
+    assert M.mean_periodic_distance(sample, aligned) < 0.15  # only the 0.01 noise remains
+    assert aligned.composition == target.composition
+    other = structures["NaCl"]
+    assert align_sites(sample, other) is None
+
+
+def _perturbed_samples_file(tmp_path, structures, seed=5):
+    rng = np.random.default_rng(seed)
+    named = []
+    for name, s in structures.items():
+        for k, sample in enumerate(PerturbedSamples(0.03, 0.03).draw(s, 2, rng)):
+            named.append((f"{name}-{k}", sample))
+    path = tmp_path / "samples.cif"
+    write_structures(path, named)
+    return path
+
+
+def test_pairs_from_files_match_formula_and_resume_identically(tmp_path, structures):
+    targets = tmp_path / "targets.cif"
+    write_structures(targets, list(structures.items()))
+    wanted = {k: structures[k] for k in ("LiFePO4-like", "ZnO-hex", "CsCl")}
+    samples = _perturbed_samples_file(tmp_path, wanted)
+    options = PairOptions(samples_per_target=2, seed=3)
+
+    full = build_pairs(targets, tmp_path / "full", FileSamples(samples), options)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "pairs.jsonl").read_text().splitlines()]
+    assert full["total_pairs"] == len(rows) == 6
+    assert full["this_run"]["skipped"] == {"no_matching_sample": 2}  # NaCl and Si have no samples
+    for row in rows:
+        c0, c1 = PmgStructure.from_dict(row["c0"]), PmgStructure.from_dict(row["c1"])
+        assert [s.specie for s in c0] == [s.specie for s in c1]
+        assert row["distance"] < 1.0
+    pairs = load_pairs(tmp_path / "full")
+    assert len(pairs) == 6 and pairs[0].f0.shape == pairs[0].f1.shape
+
+    # an interrupted run (first 2 targets, plus a torn pair of an unfinished target) resumes to the same file
+    part = tmp_path / "part"
+    build_pairs(targets, part, FileSamples(samples), PairOptions(samples_per_target=2, seed=3, max_targets=2))
+    with (part / "pairs.jsonl").open("a") as handle:
+        handle.write(json.dumps({"id": "ZnO-hex#0", "target_id": "ZnO-hex"}) + "\n")
+    with pytest.raises(CrystalError, match="--resume"):
+        build_pairs(targets, part, FileSamples(samples), options)
+    resumed = build_pairs(targets, part, FileSamples(samples), options, resume=True)
+    assert resumed["this_run"]["resumed_targets"] == 2
+    assert (part / "pairs.jsonl").read_text() == (tmp_path / "full" / "pairs.jsonl").read_text()
+
+
+def test_split_pairs_keeps_targets_together(tmp_path, structures):
+    targets = tmp_path / "targets.cif"
+    write_structures(targets, list(structures.items()))
+    build_pairs(targets, tmp_path / "p", PerturbedSamples(), PairOptions(samples_per_target=3, seed=0))
+    pairs = load_pairs(tmp_path / "p")
+    train, val = split_pairs(pairs, 0.4, seed=1)
+    assert len(train) + len(val) == 15 and val
+    assert not {p.target_id for p in train} & {p.target_id for p in val}

@@ -1,0 +1,182 @@
+"""Flow matching end to end on a tiny paired set: training moves samples toward their targets, exact resume,
+refinement keeps composition and site order, and the CLI commands (`crystal flow pairs/train`, `crystal refine`)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+from typer.testing import CliRunner
+
+from crystal_cli.cli import app
+from crystal_cli.datasets import read_structures
+from crystal_cli.flow.manifolds import mean_periodic_distance, structure_lattice_vector
+from crystal_cli.flow.network import FlowNetConfig
+from crystal_cli.flow.ode import refine_file, refine_structures
+from crystal_cli.flow.pairs import PairOptions, PerturbedSamples, aligned_target, build_pairs
+from crystal_cli.flow.train import RunConfig, TrainConfig, load_model, train
+from crystal_cli.structure_io import read_jsonl, write_structures
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_NET = FlowNetConfig(hidden_dim=64, num_layers=2, num_freqs=4, time_dim=16, num_rbf=8)
+NOISE = PerturbedSamples(coord_noise=0.04, lattice_noise=0.04)
+
+TARGETS = {
+    "ZnO": Structure(Lattice.hexagonal(3.25, 5.21), ["Zn", "Zn", "O", "O"],
+                     [[1 / 3, 2 / 3, 0], [2 / 3, 1 / 3, 0.5], [1 / 3, 2 / 3, 0.38], [2 / 3, 1 / 3, 0.88]]),
+    "TiO2": Structure(Lattice.tetragonal(4.59, 2.96), ["Ti", "Ti", "O", "O", "O", "O"],
+                      [[0, 0, 0], [0.5, 0.5, 0.5], [0.305, 0.305, 0], [0.695, 0.695, 0], [0.195, 0.805, 0.5],
+                       [0.805, 0.195, 0.5]]),
+}
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory) -> Path:
+    """32 perturbed samples per target, built through the file path users take (targets CIF -> pairs dir)."""
+    root = tmp_path_factory.mktemp("flow")
+    write_structures(root / "targets.cif", list(TARGETS.items()))
+    build_pairs(root / "targets.cif", root / "pairs", NOISE, PairOptions(samples_per_target=32, seed=0))
+    return root / "pairs"
+
+
+@pytest.fixture(scope="module")
+def trained(paired) -> Path:
+    config = RunConfig(pairs=str(paired), model=TINY_NET, train=TrainConfig(
+        steps=300, batch_size=16, lr=2e-3, warmup_steps=20, ema_decay=0.9, log_every=50, checkpoint_every=100))
+    run = paired.parent / "run"
+    train(config, run)
+    return run
+
+
+def fresh_samples(count: int, seed: int) -> list[tuple[str, Structure]]:
+    """New perturbations (a seed the pairs never used), as (target name, sample)."""
+    rng = np.random.default_rng(seed)
+    return [(name, s) for name, target in TARGETS.items() for s in NOISE.draw(target, count, rng)]
+
+
+def distance_to_target(structure: Structure, name: str) -> float:
+    return mean_periodic_distance(structure, aligned_target(structure, TARGETS[name]))
+
+
+def test_training_moves_samples_toward_their_targets(trained):
+    metrics = read_jsonl(trained / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [50, 100, 150, 200, 250, 300]
+    assert metrics[-1]["loss"] < 0.6 * metrics[0]["loss"]
+
+    model = load_model(trained)
+    samples = fresh_samples(8, seed=123)
+    refined = refine_structures(model, [s for _, s in samples], steps=50)
+    before = np.mean([distance_to_target(s, name) for name, s in samples])
+    after = np.mean([distance_to_target(r.structure, name) for (name, _), r in zip(samples, refined)])
+    assert after < 0.75 * before, (before, after)
+    lattice_before = np.mean([float((structure_lattice_vector(s) - structure_lattice_vector(TARGETS[n])).norm())
+                              for n, s in samples])
+    lattice_after = np.mean([float((structure_lattice_vector(r.structure) - structure_lattice_vector(TARGETS[n])).norm())
+                             for (n, _), r in zip(samples, refined)])
+    assert lattice_after < lattice_before, (lattice_before, lattice_after)
+
+
+def test_refine_keeps_composition_and_site_order_and_counts_bad_inputs(trained, tmp_path):
+    samples = fresh_samples(2, seed=7)
+    path = tmp_path / "samples.cif"
+    write_structures(path, [(f"s{i}", s) for i, (_, s) in enumerate(samples)])
+    with path.open("a") as handle:  # a block no reader can turn into a crystal
+        handle.write("data_broken\n_cell_length_a 4.0\n")
+    stats = refine_file(path, tmp_path / "refined.cif", load_model(trained), steps=20, batch_size=3)
+    assert stats["refined"] == 4 and stats["skipped"] == {"unparseable_cif": 1}
+
+    refined = [e.structure for e in read_structures(tmp_path / "refined.cif")]
+    for (_, before), after in zip(samples, refined):
+        assert [site.specie.symbol for site in after] == [site.specie.symbol for site in before]
+        assert after.composition == before.composition
+        assert mean_periodic_distance(after, before) < 1.0  # refined, not replaced
+    rows = read_jsonl(tmp_path / "refined.steps.jsonl")
+    assert [r["status"] for r in rows] == ["refined"] * 4 + ["unparseable_cif"]
+    assert all(len(r["step_displacement"]) == 20 and r["path_length"] >= r["displacement"] - 1e-4
+               for r in rows[:4])
+
+
+def test_refine_resumes_to_the_same_output(trained, tmp_path):
+    path = tmp_path / "samples.cif"
+    write_structures(path, [(f"s{i}", s) for i, (_, s) in enumerate(fresh_samples(2, seed=9))])
+    model = load_model(trained)
+    refine_file(path, tmp_path / "full.cif", model, steps=10, batch_size=1)
+
+    def stop_after_two(total):
+        stop_after_two.calls += total is None
+        if stop_after_two.calls == 2:
+            raise KeyboardInterrupt
+
+    stop_after_two.calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        refine_file(path, tmp_path / "part.cif", model, steps=10, batch_size=1, progress=stop_after_two)
+    stats = refine_file(path, tmp_path / "part.cif", model, steps=10, batch_size=1, resume=True)
+    assert stats["resumed_from"] == 2 and stats["refined"] == 2
+    assert (tmp_path / "part.cif").read_text() == (tmp_path / "full.cif").read_text()
+    assert len(read_jsonl(tmp_path / "part.steps.jsonl")) == 4
+
+
+def test_resumed_training_equals_uninterrupted_training(paired, tmp_path):
+    config = RunConfig(pairs=str(paired), model=FlowNetConfig(hidden_dim=16, num_layers=1, num_freqs=2, time_dim=8,
+                                                              num_rbf=2),
+                       train=TrainConfig(steps=6, batch_size=4, warmup_steps=2, log_every=1, checkpoint_every=3))
+    train(config, tmp_path / "straight")
+
+    def interrupt(step, total, row):
+        if step == 4:  # one step past the checkpoint at 3: that step is redone on resume
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed", progress=interrupt)
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4]
+    summary = train(None, tmp_path / "resumed", resume=True)
+    assert summary["steps"] == 6
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for key, value in straight[part].items():
+            assert torch.equal(value, resumed[part][key]), (part, key)
+    assert read_jsonl(tmp_path / "resumed" / "metrics.jsonl") == [
+        {**r, "steps_per_s": r2["steps_per_s"]}
+        for r, r2 in zip(read_jsonl(tmp_path / "straight" / "metrics.jsonl"),
+                         read_jsonl(tmp_path / "resumed" / "metrics.jsonl"))
+    ]
+
+
+def test_cli_pairs_train_refine(tmp_path):
+    runner = CliRunner()
+    write_structures(tmp_path / "targets.cif", list(TARGETS.items()))
+    result = runner.invoke(app, ["flow", "pairs", str(tmp_path / "targets.cif"), "-o", str(tmp_path / "pairs"),
+                                 "--perturb", "--per-target", "3", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(read_jsonl(tmp_path / "pairs" / "pairs.jsonl")) == 6
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(f'pairs = "{tmp_path / "pairs"}"\n[model]\nhidden_dim = 16\nnum_layers = 1\nnum_freqs = 2\n'
+                      "[train]\nsteps = 3\nbatch_size = 4\nwarmup_steps = 1\n")
+    result = runner.invoke(app, ["flow", "train", "--recipe", str(recipe), "-o", str(tmp_path / "run"), "--steps", "4"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 4
+    result = runner.invoke(app, ["flow", "train", "--recipe", str(recipe), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--resume" in result.output
+
+    result = runner.invoke(app, ["refine", str(tmp_path / "targets.cif"), "-o", str(tmp_path / "refined.cif"),
+                                 "--model", str(tmp_path / "run"), "--steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert len(list(read_structures(tmp_path / "refined.cif"))) == 2
+    result = runner.invoke(app, ["refine", str(tmp_path / "targets.cif"), "-o", str(tmp_path / "x.cif"),
+                                 "--model", "no-such-model"])
+    assert result.exit_code == 2 and "no such flow run" in result.output
+
+
+def test_shipped_recipes_are_valid():
+    recipes = sorted((REPO / "training").glob("flow-*.toml"))
+    assert recipes
+    for path in recipes:
+        config = RunConfig.from_dict(tomllib.loads(path.read_text()), str(path))
+        assert config.train.lambda_f == 200.0 and config.train.lambda_l == 1.0
