@@ -264,6 +264,92 @@ def perplexity(
 # <<< finetune commands
 
 # >>> generate commands
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[str, typer.Argument(help="Finetune run directory, or a base (tiny, smollm2-135m, HF dir, .gguf).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .gguf file to write.")],
+    quant: Annotated[str, typer.Option(help="Weight type: f32, f16, q8_0 or q4_k_m.")] = "f16",
+    adapter_only: Annotated[
+        bool, typer.Option("--adapter-only", help="Write only the LoRA adapter (GGUF LoRA, applied on the base GGUF).")
+    ] = False,
+) -> None:
+    """Export a fine-tuned run (base + LoRA merged) or a base to a GGUF file llama.cpp loads."""
+    from crystal_cli.export import export
+
+    with err_console.status(f"exporting {run} → {output}"):
+        result = export(run, output, quant, adapter_only)
+    kind = "LoRA adapter" if result.adapter_only else f"model ({result.quant})"
+    console.print(f"wrote {result.path}: {kind}, {result.tensors} tensors, {result.bytes / 1e6:.1f} MB")
+    if result.adapter_only:
+        console.print(f"apply it with: crystal generate -m BASE.gguf --adapter {result.path} (tokenizer: {result.base_gguf.name})")
+
+
+@app.command()
+def generate(
+    model: Annotated[
+        Optional[str], typer.Option("-m", "--model", help=".gguf, finetune run directory, or a name in models/.")
+    ] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="samples.cif (+ samples.jsonl sidecar).")] = Path("samples.cif"),
+    n: Annotated[int, typer.Option("-n", help="Number of samples (with --resume: the total to reach).")] = 10,
+    formula: Annotated[Optional[str], typer.Option(help="Exact composition, e.g. LiFePO4 (enforced by the grammar).")] = None,
+    spacegroup: Annotated[Optional[int], typer.Option(help="Space group number condition (1-230).")] = None,
+    e_hull: Annotated[Optional[float], typer.Option("--e-hull", help="Energy above hull condition, eV/atom.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Run seed; sample i is seeded by (seed, i).")] = 0,
+    max_atoms: Annotated[int, typer.Option(help="Most sites per structure.")] = 20,
+    parallel: Annotated[int, typer.Option(help="Sequences decoded at once.")] = 32,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="cif, extxyz or jsonl (default: from -o).")] = None,
+    resume: Annotated[bool, typer.Option(help="Top an existing output up to -n samples.")] = False,
+    backend: Annotated[str, typer.Option(help="llama (llama.cpp, batched) or transformers.")] = "llama",
+    grammar: Annotated[bool, typer.Option(help="Constrain sampling with the crystal grammar.")] = True,
+    adapter: Annotated[Optional[Path], typer.Option(help="GGUF LoRA adapter applied on a .gguf model.")] = None,
+    quant: Annotated[str, typer.Option(help="Weight type when a run directory is exported on the fly.")] = "q8_0",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    infill_file: Annotated[
+        Optional[Path], typer.Option("--infill", help="Structures to propose substitutions for (with --mask).")
+    ] = None,
+    mask: Annotated[Optional[str], typer.Option(help="Element to replace; candidates ranked by probability.")] = None,
+) -> None:
+    """Sample crystals from a fine-tuned model, conditioned on formula / space group / stability."""
+    from rich.progress import TextColumn
+
+    from crystal_cli.sampling import GenerateOptions, generate as run_generate
+
+    options = GenerateOptions(
+        model=model, output=output, n=n, formula=formula, spacegroup=spacegroup, e_hull=e_hull,
+        temperature=temperature, top_p=top_p, seed=seed, max_atoms=max_atoms, parallel=parallel, fmt=fmt,
+        resume=resume, backend=backend, grammar=grammar, adapter=adapter, quant=quant, threads=threads,
+        infill=infill_file, mask=mask,
+    )
+    with progress_bar(TextColumn("{task.fields[speed]}")) as bar:
+        task = bar.add_task("generate", total=None, speed="loading model")
+
+        def on_sample(row: dict, summary) -> None:
+            total = summary.requested if infill_file is None else None
+            rate = summary.generated / summary.seconds if summary.seconds else 0.0
+            bar.update(task, total=total, completed=summary.existing + summary.generated,
+                       speed=f"{rate:.2f} structures/s · parsed {summary.parse_rate:.0%}")
+
+        summary = run_generate(options, on_sample)
+    for ranking in summary.rankings:
+        table = Table(title=f"{ranking['id']}: replacements for {mask}")
+        table.add_column("element")
+        table.add_column("probability", justify="right")
+        for element, probability in ranking["ranked"]:
+            table.add_row(element, f"{probability:.3f}")
+        console.print(table)
+    failures = ", ".join(f"{k}: {v}" for k, v in summary.failures.most_common()) or "none"
+    speed = summary.generated / summary.seconds if summary.seconds else 0.0
+    console.print(
+        f"{summary.generated} new samples ({summary.existing} already there) → {summary.output}, {summary.sidecar}; "
+        f"parsed {summary.ok}/{summary.generated}; failures: {failures}; {speed:.2f} structures/s, "
+        f"{summary.tokens / summary.seconds if summary.seconds else 0.0:.0f} tokens/s"
+    )
+
+
 # <<< generate commands
 
 # >>> evaluate commands
@@ -459,8 +545,10 @@ def flow_pairs(
         Optional[Path], typer.Option(help="LLM samples (CIF/jsonl) matched to targets by reduced formula and atom count.")
     ] = None,
     model: Annotated[
-        Optional[str], typer.Option(help="GGUF model: sample c0 by prompting with each target's formula.")
+        Optional[str], typer.Option(help="GGUF file (or smollm2-135m): sample c0 prompting with each target's formula.")
     ] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="--model: a GGUF LoRA adapter to apply.")] = None,
+    temperature: Annotated[float, typer.Option(help="--model: sampling temperature.")] = 1.0,
     perturb: Annotated[bool, typer.Option(help="c0 = the target with coordinate and lattice noise.")] = False,
     coord_noise: Annotated[float, typer.Option(help="--perturb: std of fractional-coordinate noise.")] = 0.05,
     lattice_noise: Annotated[float, typer.Option(help="--perturb: std of noise on log lengths / logit angles.")] = 0.05,
@@ -483,7 +571,7 @@ def flow_pairs(
     elif model is not None:
         from crystal_cli.flow.pairs import LLMSamples
 
-        source = LLMSamples(model)
+        source = LLMSamples(model, adapter=adapter, temperature=temperature)
     else:
         source = PerturbedSamples(coord_noise=coord_noise, lattice_noise=lattice_noise)
     options = PairOptions(samples_per_target=per_target, seed=seed, max_atoms=max_atoms, max_targets=max_targets)

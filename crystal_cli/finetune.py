@@ -81,6 +81,7 @@ class TrainSection:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    threads: int = 0  # CPU threads for torch; 0 = torch's default (use 1 on a busy shared host)
 
 
 @dataclass
@@ -532,6 +533,8 @@ class _Trainer:
             train_records = train_records[: data.max_train_records]
         self.base_dir = resolve_base(config.base)
         self.device, weights_dtype, self.autocast_dtype = _device_and_dtype(train, local_rank)
+        if train.threads > 0:
+            torch.set_num_threads(train.threads)
         torch.manual_seed(train.seed + rank)
         base, self.tokenizer = load_base(self.base_dir, self.device, weights_dtype)
         missing = [m for m in config.lora.target_modules if not any(n.endswith(f".{m}") for n, _ in base.named_modules())]
@@ -715,7 +718,7 @@ class _Trainer:
             saved["data"]["records"] = str(Path(self.config.data.records).expanduser().resolve())
             saved["train"]["max_steps"] = self.max_steps
             _atomic_json(self.run_dir / "config.json",
-                         {"base": str(self.base_dir.resolve()), "base_spec": self.config.base} | saved)
+                         {"base_spec": self.config.base} | saved | {"base": str(self.base_dir.resolve())})
         state = self.load_checkpoint() if resume else {"step": 0, "tokens": 0, "elapsed_s": 0.0, "first_val_loss": None}
         step, tokens = state["step"], state["tokens"]
         if self.rank == 0:  # forget lines logged after the checkpoint we resume from: they are replayed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -18,6 +19,9 @@ def configure_process() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("SPGLIB_WARNING", "OFF")  # spglib's C code prints to stderr on hard cells
+    # pymatgen warns once per noble gas when sorting formulas; it says nothing about the user's data.
+    warnings.filterwarnings("ignore", message="No Pauling electronegativity")
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): nothing to tune

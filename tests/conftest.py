@@ -13,6 +13,7 @@ configure_process()
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CRYSTAL_SHARED_DATA", REPO.parent / "shared" / "data"))
+os.environ.setdefault("CRYSTAL_CACHE", str(REPO / ".cache" / "crystal"))  # converted bases, kept across runs
 
 
 def shared(*parts: str) -> Path | None:
@@ -25,9 +26,13 @@ def simple_structures():
     """A handful of real, ordered crystals built with pymatgen (no files needed)."""
     from pymatgen.core import Lattice, Structure
 
+    fcc = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
+    shifted = [[(x + 0.5) % 1, y, z] for x, y, z in fcc]
+    quarter = [[x + 0.25, y + 0.25, z + 0.25] for x, y, z in fcc]
+    # Conventional cells written out: Structure.from_spacegroup costs ~10 s per call in pymatgen 2026.
     return {
-        "NaCl": Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.69), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
-        "Si": Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.43), ["Si"], [[0, 0, 0]]),
+        "NaCl": Structure(Lattice.cubic(5.69), ["Na"] * 4 + ["Cl"] * 4, fcc + shifted),
+        "Si": Structure(Lattice.cubic(5.43), ["Si"] * 8, fcc + quarter),
         "LiFePO4-like": Structure(
             Lattice.from_parameters(10.3, 6.0, 4.7, 90, 90, 90),
             ["Li", "Fe", "P", "O", "O", "O", "O"],

@@ -16,6 +16,8 @@ def imap_ordered(
     initargs: tuple = (),
 ) -> Iterator[Any]:
     """Results of function(job) in job order, computed in `workers` spawned processes (in-process when 1)."""
+    if not jobs:
+        return
     if workers <= 1 or len(jobs) <= 1:
         if initializer is not None:
             initializer(*initargs)

@@ -57,7 +57,21 @@ class Potential:
         return sorted({el.symbol for el in structure.composition.elements} - self.elements)
 
     def relax(self, structure: Structure, settings: RelaxSettings) -> Relaxation:
-        """FIRE on positions (and cell, via FrechetCellFilter) until fmax, max_steps or the time limit."""
+        """FIRE on positions (and cell, via FrechetCellFilter) until fmax, max_steps or the time limit.
+
+        Runs with one torch thread: small cells gain nothing from intra-op threads, and on a shared CPU two
+        threads measured 3-10x slower per step than one; parallelism comes from worker processes.
+        """
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._relax(structure, settings)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _relax(self, structure: Structure, settings: RelaxSettings) -> Relaxation:
         from ase.filters import FrechetCellFilter
         from ase.optimize import FIRE
         from pymatgen.io.ase import AseAtomsAdaptor

@@ -72,15 +72,11 @@ def not_relaxed(index: int, entry_id: str, reason: str, detail: str = "") -> Sta
 
 
 def _init_worker(spec: str) -> None:
-    """Per process: one potential, one torch thread (small cells gain nothing from intra-op threads, and on a
-    shared CPU two threads measured 3-10x slower per step than one; parallelism comes from --workers)."""
+    """Per process: malloc and hub settings first, then one potential."""
     global _worker_potential
-    import torch
-
     from crystal_cli.runtime import configure_process
 
     configure_process()
-    torch.set_num_threads(1)
     _worker_potential = load_potential(spec)
 
 

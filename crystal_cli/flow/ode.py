@@ -5,8 +5,10 @@ lattice 6-vector moves in Euclidean space. Cells are integrated in batches; atom
 change. Inputs whose angles lie outside the flow's interval are first replaced by their Niggli cell (the
 same crystal, same site order), and the log says so.
 
-Output is a multi-block CIF appended batch by batch plus a jsonl with one row per input (refined or the
-reason it was skipped) holding per-step displacement summaries; --resume continues after the rows logged.
+Output is a multi-block CIF (or, for a .jsonl output, pymatgen structure dicts, which keep the site order
+exactly: CIF readers re-sort sites by element) appended batch by batch, plus a jsonl with one row per input
+(refined or the reason it was skipped) holding per-step displacement summaries; --resume continues after
+the rows logged.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from crystal_cli.flow.manifolds import (
     torus_exp,
 )
 from crystal_cli.flow.network import Cells, FlowNet
-from crystal_cli.structure_io import StructureAppender, append_jsonl, read_jsonl
+from crystal_cli.structure_io import StructureAppender, append_jsonl, format_for, read_jsonl
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
@@ -135,9 +137,12 @@ def refine_file(
     `log_path` (default OUTPUT with suffix .steps.jsonl). `progress(total)` once, then `progress(None)` per
     input handled. Returns counts (refined, skipped by reason, resumed)."""
     output = Path(output)
+    fmt = format_for(output)
+    if fmt not in _RECORD_START:
+        raise CrystalError(f"{output}: refine writes .cif or .jsonl, not {fmt}")
     log_path = Path(log_path) if log_path else output.with_suffix(".steps.jsonl")
     entries = list(read_structures(samples))
-    done = _resume_point(output, log_path) if resume else 0
+    done = _resume_point(output, fmt, log_path) if resume else 0
     if not resume:
         output.unlink(missing_ok=True)
         log_path.unlink(missing_ok=True)
@@ -149,14 +154,14 @@ def refine_file(
             progress(None)
 
     pending: list[tuple[int, Entry]] = []
-    with StructureAppender(output, "cif") as cif, log_path.open("a") as log:
+    with StructureAppender(output, fmt) as out, log_path.open("a") as log:
 
         def flush() -> None:
             refined = refine_structures(model, [e.structure for _, e in pending], steps)
             for (index, entry), result in zip(pending, refined):
                 row = {"index": index, "id": entry.id, "status": "refined", "n_atoms": len(result.structure),
                        "formula": result.structure.composition.reduced_formula, "steps": steps, **result.summary}
-                cif.append(result.structure, entry.id)
+                out.append(result.structure, entry.id)
                 append_jsonl(log, row)
                 counts["refined"] += 1
                 if progress:
@@ -191,20 +196,20 @@ def refine_file(
     }
 
 
-_BLOCK = re.compile(r"^data_", re.MULTILINE)
+_RECORD_START = {"cif": re.compile(r"^data_", re.MULTILINE), "jsonl": re.compile(r"^\{", re.MULTILINE)}
 
 
-def _resume_point(output: Path, log_path: Path) -> int:
-    """Inputs already handled. The CIF is cut back to the refined rows of the log (a block written after its
-    row was logged is dropped with it if the log row is missing: the log row is written after the block)."""
+def _resume_point(output: Path, fmt: str, log_path: Path) -> int:
+    """Inputs already handled. The output is cut back to the refined rows of the log: a structure is written
+    before its log row, so one written just before a kill is dropped and redone."""
     rows = read_jsonl(log_path)
     refined = sum(1 for r in rows if r.get("status") == "refined")
     if output.exists():
         text = output.read_text()
-        starts = [m.start() for m in _BLOCK.finditer(text)]
+        starts = [m.start() for m in _RECORD_START[fmt].finditer(text)]
         if len(starts) > refined:
             tmp = output.with_name(f".{output.name}.tmp")
-            tmp.write_text(text[: starts[refined]] if refined < len(starts) else text)
+            tmp.write_text(text[: starts[refined]])
             os.replace(tmp, output)
         elif len(starts) < refined:
             raise CrystalError(f"{output}: holds {len(starts)} structures but {log_path} logs {refined}; rerun without --resume")

@@ -1,7 +1,8 @@
 """Paired data for flow matching (FlowLLM): each training crystal c1 with one or more base samples c0 of the
 same composition, their sites put in correspondence.
 
-A base sample comes from one of three sources: the LLM prompted with c1's formula (`LLMSamples`), a file of
+A base sample comes from one of three sources: the LLM prompted with c1's formula (`LLMSamples`, llama.cpp
+with the generate grammar pinning c1's exact composition), a file of
 LLM samples matched by reduced formula and atom count (`FileSamples`), or c1 itself perturbed in
 coordinates and lattice (`PerturbedSamples`, for tests and ablations). Alignment assigns c0's sites to c1's
 within each element by minimum periodic distance (Hungarian assignment), after the best of a few candidate
@@ -25,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Element, Lattice, Structure
 from scipy.optimize import linear_sum_assignment
 
 from crystal_cli.datasets import read_structures
@@ -165,6 +166,49 @@ class FileSamples:
             return ["no_matching_sample"]
         chosen = rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)
         return [candidates[int(i)] for i in chosen]
+
+
+class LLMSamples:
+    """c0 drawn from a GGUF model (llama.cpp; a path, or "smollm2-135m" for the shipped base) prompted with the
+    target's reduced formula, the grammar pinning the target's exact site multiset (its elements in
+    training-text order, its atom count)."""
+
+    name = "llm"
+
+    def __init__(self, model: str | Path, adapter: str | Path | None = None, temperature: float = 1.0,
+                 top_p: float = 1.0, parallel: int = 8, threads: int | None = None):
+        from crystal_cli.bases import SMOLLM2, smollm2_gguf
+        from crystal_cli.sampling.llama_backend import LlamaModel
+
+        self.model = LlamaModel(smollm2_gguf() if str(model) == SMOLLM2 else model, adapter=adapter, threads=threads)
+        self.temperature, self.top_p, self.parallel, self.threads = temperature, top_p, parallel, threads
+
+    def draw(self, target: Structure, count: int, rng: np.random.Generator) -> list[Structure | str]:
+        from crystal_cli.codec import conditional_prompt, parse_crystal
+        from crystal_cli.grammar import MAX_Z as GRAMMAR_MAX_Z
+        from crystal_cli.grammar import FormulaConstraint, crystal_gbnf, element_order, max_new_tokens
+        from crystal_cli.sampling.llama_backend import BatchedSampler, Job, SamplingSettings
+
+        amounts = target.composition.get_el_amt_dict()
+        if max(Element(el).Z for el in amounts) > GRAMMAR_MAX_Z:
+            return ["element_out_of_range"]
+        order = element_order(list(amounts))
+        formula = target.composition.reduced_formula
+        exact = FormulaConstraint(formula, tuple(order), tuple(int(round(amounts[el])) for el in order), 1)
+        settings = SamplingSettings(temperature=self.temperature, top_p=self.top_p,
+                                    max_new_tokens=max_new_tokens(len(target)), parallel=min(self.parallel, count),
+                                    threads=self.threads)
+        sampler = BatchedSampler(self.model, settings, crystal_gbnf(len(target), exact))
+        jobs = [Job(k, int(rng.integers(2**31 - 1))) for k in range(count)]
+        try:
+            finished = sorted(sampler.run(conditional_prompt({"formula": formula}), jobs), key=lambda f: f.index)
+        finally:
+            sampler.close()
+        out: list[Structure | str] = []
+        for sample in finished:
+            parsed = parse_crystal(sample.text)
+            out.append(parsed.structure if parsed.ok else (parsed.reason.value if sample.ended else "max_tokens"))
+        return out
 
 
 def _match_key(structure: Structure) -> tuple[str, int]:

@@ -1,0 +1,382 @@
+"""`crystal generate`: conditions -> prompt + grammar -> a backend's samples -> CIF/extxyz + jsonl, as they finish.
+
+The jsonl sidecar is the record of the run (one row per sample: id, index, prompt, text, parse status with
+the codec's failure reason, seconds, seed, tokens); the structure file holds the samples that parsed. Rows are
+appended the moment a sample finishes, so a killed run keeps what it finished; `resume` rebuilds the
+structure file from the sidecar (atomically) and draws only the missing sample indices, each seeded by
+(seed, index), so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from crystal_cli import codec
+from crystal_cli.errors import CrystalError
+from crystal_cli.grammar import ELEMENTS, crystal_gbnf, formula_constraint, max_new_tokens
+from crystal_cli.sampling.llama_backend import Finished, Job, SamplingSettings, job_seed
+from crystal_cli.structure_io import FORMATS, StructureAppender, append_jsonl, read_jsonl, write_structures
+
+BACKENDS = ("llama", "transformers")
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+DEFAULT_MODEL = "default"  # models/default (a run directory or default.gguf) once one ships
+
+
+@dataclass
+class GenerateOptions:
+    model: str | None
+    output: Path
+    n: int = 10
+    formula: str | None = None
+    spacegroup: int | None = None
+    e_hull: float | None = None
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    max_atoms: int = 20
+    parallel: int = 32
+    fmt: str | None = None
+    resume: bool = False
+    backend: str = "llama"
+    grammar: bool = True
+    adapter: Path | None = None  # a GGUF LoRA adapter applied on a .gguf model (llama backend)
+    quant: str = "q8_0"  # type of on-the-fly exports of run directories
+    threads: int | None = None
+    infill: Path | None = None
+    mask: str | None = None
+
+
+@dataclass
+class GenerateSummary:
+    output: Path
+    sidecar: Path
+    requested: int
+    existing: int = 0
+    generated: int = 0
+    ok: int = 0
+    failures: Counter = field(default_factory=Counter)
+    tokens: int = 0
+    seconds: float = 0.0
+    rankings: list[dict] = field(default_factory=list)  # infill: per input structure, ranked candidates
+
+    @property
+    def parse_rate(self) -> float:
+        return self.ok / self.generated if self.generated else 0.0
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def output_paths(output: Path, fmt: str | None) -> tuple[Path, str]:
+    """(sidecar jsonl, structure format). With format jsonl the sidecar is the output itself."""
+    from crystal_cli.structure_io import format_for
+
+    try:
+        fmt = format_for(output, fmt)
+    except ValueError as exc:
+        raise CrystalError(f"--format: {exc}") from None
+    return (output if fmt == "jsonl" else output.with_suffix(".jsonl")), fmt
+
+
+def _check_common(options: GenerateOptions) -> None:
+    if options.n <= 0:
+        raise CrystalError(f"-n must be > 0, got {options.n}")
+    if options.parallel <= 0:
+        raise CrystalError(f"--parallel must be > 0, got {options.parallel}")
+    if options.backend not in BACKENDS:
+        raise CrystalError(f"--backend {options.backend!r}: choose from {', '.join(BACKENDS)}")
+    if options.fmt is not None and options.fmt not in FORMATS:
+        raise CrystalError(f"--format {options.fmt!r}: choose from {', '.join(FORMATS)}")
+    if not options.output.parent.is_dir():
+        raise CrystalError(f"{options.output}: directory {options.output.parent} does not exist")
+    if options.temperature < 0 or not 0 < options.top_p <= 1:
+        raise CrystalError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if options.max_atoms < 1:
+        raise CrystalError(f"--max-atoms must be >= 1, got {options.max_atoms}")
+
+
+def prompt_and_grammar(options: GenerateOptions) -> tuple[str, str | None]:
+    """The generation prompt for the conditions and, unless disabled, the grammar that enforces them."""
+    constraint = formula_constraint(options.formula, options.max_atoms) if options.formula else None
+    if options.spacegroup is not None and not 1 <= options.spacegroup <= 230:
+        raise CrystalError(f"--spacegroup must be 1..230, got {options.spacegroup}")
+    prompt = codec.conditional_prompt(
+        {
+            "formula": constraint.formula if constraint else None,
+            "spacegroup": options.spacegroup,
+            "e_above_hull": options.e_hull,
+        }
+    )
+    gbnf = crystal_gbnf(options.max_atoms, constraint) if options.grammar else None
+    return prompt, gbnf
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def resolve_model(spec: str | None) -> str | Path:
+    """-m value -> a .gguf path, a run directory, a base spec; shipped names are looked up in models/."""
+    from crystal_cli.bases import SMOLLM2, TINY
+
+    if spec is None:
+        spec = DEFAULT_MODEL
+        if not any(MODELS_DIR.glob(f"{DEFAULT_MODEL}*")):
+            raise CrystalError("no model given: pass -m MODEL (.gguf, finetune run directory or a name in models/)")
+    if spec in (SMOLLM2, TINY):
+        return spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    for candidate in (MODELS_DIR / spec, MODELS_DIR / f"{spec}.gguf"):
+        if candidate.exists():
+            return candidate
+    shipped = sorted(p.stem for p in MODELS_DIR.iterdir() if not p.name.startswith(".")) if MODELS_DIR.is_dir() else []
+    raise CrystalError(f"model {spec!r}: no such file or directory, nor a shipped model ({', '.join(shipped) or 'none yet'})")
+
+
+class _LlamaBackend:
+    def __init__(self, options: GenerateOptions, settings: SamplingSettings, gbnf: str | None):
+        from crystal_cli.export import cached_export, check_gguf_model
+        from crystal_cli.sampling.llama_backend import BatchedSampler, LlamaModel
+
+        source = resolve_model(options.model)
+        if isinstance(source, Path) and source.suffix == ".gguf":
+            if check_gguf_model(source) == "adapter":
+                raise CrystalError(f"{source}: a LoRA adapter, not a model; pass it with --adapter and the base with -m")
+            gguf = source
+        else:
+            gguf = cached_export(source, options.quant)
+        if options.adapter is not None and check_gguf_model(options.adapter) != "adapter":
+            raise CrystalError(f"{options.adapter}: not a GGUF LoRA adapter (crystal export --adapter-only)")
+        self.model = LlamaModel(gguf, options.adapter, options.threads)
+        self.sampler = BatchedSampler(self.model, settings, gbnf)
+        self.settings = settings
+
+    def run(self, prompt: str, jobs: list[Job]):
+        return self.sampler.run(prompt, jobs)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text, add_special=False)
+
+    def score(self, prompt: str, continuations: list[list[int]]) -> list[float]:
+        from crystal_cli.sampling.llama_backend import score_continuations
+
+        return score_continuations(self.model, prompt, continuations, self.settings.parallel)
+
+    def close(self) -> None:
+        self.sampler.close()
+        self.model.close()
+
+
+class _TransformersBackend:
+    def __init__(self, options: GenerateOptions, settings: SamplingSettings, gbnf: str | None):
+        from crystal_cli.bases import resolve_base, smollm2_gguf, source_gguf
+        from crystal_cli.export import is_run_dir
+        from crystal_cli.finetune import load_run, load_trained
+        from crystal_cli.sampling.hf_backend import HFSampler, load_vocab_grammar
+
+        source = resolve_model(options.model)
+        if options.adapter is not None:
+            raise CrystalError("--adapter (a GGUF LoRA) needs --backend llama")
+        base_dir = load_run(source).base_dir if is_run_dir(Path(source)) else resolve_base(source)
+        self.model, self.tokenizer = load_trained(source)
+        self.vocab_model = None
+        grammar = None
+        if gbnf is not None:
+            grammar, self.vocab_model = load_vocab_grammar(source_gguf(base_dir) or smollm2_gguf(), gbnf)
+        self.grammar = grammar
+        self.sampler = HFSampler(self.model, self.tokenizer, settings, grammar)
+        self.settings = settings
+
+    def run(self, prompt: str, jobs: list[Job]):
+        return self.sampler.run(prompt, jobs)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def score(self, prompt: str, continuations: list[list[int]]) -> list[float]:
+        from crystal_cli.sampling.hf_backend import score_continuations
+
+        return score_continuations(self.model, self.tokenizer, prompt, continuations, self.settings.parallel)
+
+    def close(self) -> None:
+        if self.grammar is not None:
+            self.grammar.close()
+        if self.vocab_model is not None:
+            self.vocab_model.close()
+
+
+def open_backend(options: GenerateOptions, gbnf: str | None):
+    settings = SamplingSettings(
+        temperature=options.temperature,
+        top_p=options.top_p,
+        max_new_tokens=max_new_tokens(options.max_atoms),
+        parallel=options.parallel,
+        threads=options.threads,
+    )
+    backend = _LlamaBackend if options.backend == "llama" else _TransformersBackend
+    return backend(options, settings, gbnf)
+
+
+# ----------------------------------------------------------------------------------------- generate
+
+
+def _existing_rows(sidecar: Path, resume: bool, prompt: str) -> list[dict]:
+    rows = read_jsonl(sidecar)
+    if rows and not resume:
+        raise CrystalError(f"{sidecar} already holds {len(rows)} samples: pass --resume to top it up, or remove it")
+    mismatched = [r for r in rows if r.get("prompt") != prompt]
+    if mismatched:
+        raise CrystalError(f"{sidecar}: --resume with different conditions than the existing samples (row id {mismatched[0].get('id')})")
+    return rows
+
+
+def _row(finished: Finished, name: str, prompt: str) -> tuple[dict, object]:
+    parsed = codec.parse_crystal(finished.text)
+    detail = parsed.detail if parsed.reason else ""
+    if not finished.ended:
+        detail = f"cut at {finished.tokens} tokens; {detail}".rstrip("; ")
+    row = {
+        "id": name,
+        "index": finished.index,
+        "prompt": prompt,
+        "text": finished.text,
+        "status": "ok" if parsed.ok else parsed.reason.value,
+        "detail": detail,
+        "seconds": round(finished.seconds, 3),
+        "seed": finished.seed,
+        "tokens": finished.tokens,
+    }
+    return row, parsed.structure
+
+
+def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummary], None] | None = None) -> GenerateSummary:
+    """Draw samples until the sidecar holds options.n of them; returns counts, parse failures, speed."""
+    _check_common(options)
+    if options.infill is not None or options.mask is not None:
+        return infill(options, on_sample)
+    prompt, gbnf = prompt_and_grammar(options)
+    sidecar, fmt = output_paths(options.output, options.fmt)
+    rows = _existing_rows(sidecar, options.resume, prompt)
+    done = {int(r["index"]) for r in rows if "index" in r}
+    summary = GenerateSummary(options.output, sidecar, options.n, existing=len(done))
+    jobs = [Job(i, job_seed(options.seed, i)) for i in range(options.n) if i not in done]
+    if not jobs:
+        return summary
+    backend = open_backend(options, gbnf)  # loads (or exports) before any output file is touched
+    stem = options.output.stem
+    try:
+        if fmt != "jsonl" and rows:
+            _rebuild_structures(options.output, fmt, rows)
+        appender = StructureAppender(options.output, fmt) if fmt != "jsonl" else None
+        started = time.perf_counter()
+        with sidecar.open("a") as log:
+            try:
+                for finished in backend.run(prompt, jobs):
+                    row, structure = _row(finished, f"{stem}-{finished.index:05d}", prompt)
+                    append_jsonl(log, row)
+                    if appender is not None and structure is not None:
+                        appender.append(structure, row["id"])
+                    _count(summary, row, started)
+                    if on_sample is not None:
+                        on_sample(row, summary)
+            finally:
+                if appender is not None:
+                    appender.close()
+    finally:
+        backend.close()
+    return summary
+
+
+def _count(summary: GenerateSummary, row: dict, started: float) -> None:
+    summary.generated += 1
+    summary.tokens += row.get("tokens", 0)
+    if row["status"] == "ok":
+        summary.ok += 1
+    else:
+        summary.failures[row["status"]] += 1
+    summary.seconds = time.perf_counter() - started
+
+
+def _rebuild_structures(output: Path, fmt: str, rows: list[dict]) -> None:
+    """The structure file made again from the sidecar (the source of truth), so resume never duplicates."""
+    named = []
+    for row in rows:
+        if row.get("status") == "ok":
+            parsed = codec.parse_crystal(row["text"])
+            if parsed.ok:
+                named.append((row["id"], parsed.structure))
+    write_structures(output, named, fmt)
+
+
+# -------------------------------------------------------------------------------------------- infill
+
+
+def infill(options: GenerateOptions, on_sample=None) -> GenerateSummary:
+    """For each structure in options.infill holding options.mask: every element ranked by P(element | masked
+    crystal); the top n substitutions are written like samples (structure file + sidecar)."""
+    from pymatgen.core import Element
+
+    from crystal_cli.datasets import read_structures
+
+    if options.infill is None or options.mask is None:
+        raise CrystalError("--infill FILE and --mask ELEMENT go together")
+    if not Element.is_valid_symbol(options.mask):
+        raise CrystalError(f"--mask {options.mask!r}: not an element symbol")
+    entries = [e for e in read_structures(options.infill) if e.structure is not None]
+    targets = [e for e in entries if options.mask in e.structure.composition.get_el_amt_dict()]
+    if not targets:
+        raise CrystalError(f"{options.infill}: no readable structure contains {options.mask}")
+    sidecar, fmt = output_paths(options.output, options.fmt)
+    if read_jsonl(sidecar) and not options.resume:
+        raise CrystalError(f"{sidecar} already exists: remove it first")
+    candidates = [el for el in ELEMENTS if el != options.mask]
+    backend = open_backend(options, None)
+    summary = GenerateSummary(options.output, sidecar, options.n)
+    started = time.perf_counter()
+    try:
+        candidate_tokens = [backend.tokenize(el) for el in candidates]
+        appender = StructureAppender(options.output, fmt, mode="w") if fmt != "jsonl" else None
+        with sidecar.open("w") as log:
+            for entry in targets:
+                prompt = codec.infill_prompt(entry.structure, options.mask)
+                scores = np.array(backend.score(prompt, candidate_tokens))
+                probabilities = np.exp(scores - scores.max())
+                probabilities /= probabilities.sum()
+                order = np.argsort(-probabilities)
+                summary.rankings.append(
+                    {"id": entry.id, "ranked": [(candidates[i], float(probabilities[i])) for i in order[: max(options.n, 5)]]}
+                )
+                for rank, i in enumerate(order[: options.n], start=1):
+                    substituted = entry.structure.copy()
+                    substituted.replace_species({options.mask: candidates[i]})
+                    row = {
+                        "id": f"{entry.id}-{options.mask}-to-{candidates[i]}",
+                        "source_id": entry.id,
+                        "mask": options.mask,
+                        "element": candidates[i],
+                        "probability": float(probabilities[i]),
+                        "rank": rank,
+                        "prompt": prompt,
+                        "text": codec.encode_structure(substituted),
+                        "status": "ok",
+                        "detail": "",
+                        "seconds": round(time.perf_counter() - started, 3),
+                    }
+                    append_jsonl(log, row)
+                    if appender is not None:
+                        appender.append(substituted, row["id"])
+                    _count(summary, row, started)
+                    if on_sample is not None:
+                        on_sample(row, summary)
+        if appender is not None:
+            appender.close()
+    finally:
+        backend.close()
+    return summary

@@ -1,0 +1,344 @@
+"""Batched sampling with llama.cpp's low-level API: many sequences decoded in one batch.
+
+The prompt is decoded once and its KV cells copied to every slot; each slot then runs one sequence with its
+own sampler chain (grammar -> temperature -> top-p -> seeded dist). Slots are refilled as soon as their
+sequence ends (continuous batching), so the batch stays full while there is work, and finished samples are
+yielded at once so the caller can append them to disk.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from crystal_cli.errors import CrystalError
+from crystal_cli.grammar import CandidateArray, GrammarEngine, crystal_shortlist
+
+
+def _llama():
+    import llama_cpp
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)  # llama.cpp logs through Python; keep only errors
+    return llama_cpp
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    parallel: int = 32  # sequences decoded at once
+    threads: int | None = None  # None: every core
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sample to draw: its index in the run (names it, seeds it)."""
+
+    index: int
+    seed: int
+
+
+@dataclass
+class Finished:
+    index: int
+    seed: int
+    text: str
+    tokens: int
+    seconds: float
+    ended: bool  # False when max_new_tokens cut it off
+
+
+def job_seed(seed: int, index: int) -> int:
+    """A per-sample seed that depends only on (run seed, sample index): resumed runs draw new samples."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+class LlamaModel:
+    """A GGUF model (optionally with a GGUF LoRA adapter) loaded for batched decoding."""
+
+    def __init__(self, path: str | Path, adapter: str | Path | None = None, threads: int | None = None,
+                 vocab_only: bool = False):
+        llama = _llama()
+        self._llama = llama
+        self.path = Path(path)
+        self.threads = threads or os.cpu_count() or 1
+        llama.llama_backend_init()
+        params = llama.llama_model_default_params()
+        params.vocab_only = vocab_only
+        self.model = llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.model:
+            raise CrystalError(f"{self.path}: llama.cpp could not load this GGUF as a model")
+        self.adapter = None
+        if adapter is not None:
+            self.adapter = llama.llama_adapter_lora_init(self.model, str(adapter).encode())
+            if not self.adapter:
+                raise CrystalError(f"{adapter}: llama.cpp could not load this GGUF LoRA adapter on {self.path.name}")
+        self.vocab = llama.llama_model_get_vocab(self.model)
+        self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
+        self.end_tokens = [t for t in range(self.n_vocab) if llama.llama_vocab_is_eog(self.vocab, t)]
+        self._pieces: list[bytes] | None = None
+
+    # ------------------------------------------------------------------------------------ vocabulary
+
+    @property
+    def pieces(self) -> list[bytes]:
+        """The bytes of every token (control tokens are empty)."""
+        if self._pieces is None:
+            buffer = ctypes.create_string_buffer(256)
+            pieces = []
+            for token in range(self.n_vocab):
+                n = self._llama.llama_token_to_piece(self.vocab, token, buffer, 256, 0, False)
+                pieces.append(buffer.raw[: max(n, 0)])
+            self._pieces = pieces
+        return self._pieces
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        data = text.encode()
+        capacity = len(data) + 8
+        tokens = (self._llama.llama_token * capacity)()
+        n = self._llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, False)
+        if n < 0:
+            raise ValueError(f"tokenizing needs {-n} tokens")
+        return list(tokens[:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        pieces = self.pieces
+        return b"".join(pieces[t] for t in tokens).decode("utf-8", errors="replace")
+
+    def grammar(self, gbnf: str) -> GrammarEngine:
+        shortlist = crystal_shortlist([p.decode("utf-8", errors="replace") for p in self.pieces], self.end_tokens)
+        return GrammarEngine(self.vocab, gbnf, shortlist)
+
+    # -------------------------------------------------------------------------------------- contexts
+
+    def context(self, n_ctx: int, n_seq: int, n_batch: int, unified: bool):
+        llama = self._llama
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        params.n_threads = self.threads
+        params.n_threads_batch = self.threads
+        params.kv_unified = unified
+        params.no_perf = True
+        ctx = llama.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise CrystalError(f"{self.path}: llama.cpp could not create a context of {n_ctx} tokens × {n_seq} sequences")
+        if self.adapter is not None:
+            adapters = (llama.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            if llama.llama_set_adapters_lora(ctx, adapters, 1, scales) != 0:
+                raise CrystalError(f"{self.path}: could not apply the LoRA adapter")
+        return ctx
+
+    def close(self) -> None:
+        if self.adapter:
+            self._llama.llama_adapter_lora_free(self.adapter)
+            self.adapter = None
+        if self.model:
+            self._llama.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Batch:
+    """A llama_batch of one token per row with numpy views of its arrays."""
+
+    def __init__(self, llama, capacity: int):
+        self._llama = llama
+        self.batch = llama.llama_batch_init(capacity, 0, 1)
+        self.token = np.ctypeslib.as_array(self.batch.token, (capacity,))
+        self.pos = np.ctypeslib.as_array(self.batch.pos, (capacity,))
+        self.n_seq_id = np.ctypeslib.as_array(self.batch.n_seq_id, (capacity,))
+        self.logits = np.ctypeslib.as_array(self.batch.logits, (capacity,))
+        self.seq_id = [self.batch.seq_id[i] for i in range(capacity)]
+
+    def fill(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], logits: Sequence[bool]) -> None:
+        n = len(tokens)
+        self.token[:n] = tokens
+        self.pos[:n] = positions
+        self.n_seq_id[:n] = 1
+        self.logits[:n] = logits
+        for i, s in enumerate(seqs):
+            self.seq_id[i][0] = s
+        self.batch.n_tokens = n
+
+    def free(self) -> None:
+        self._llama.llama_batch_free(self.batch)
+
+
+def _decode(llama, ctx, batch: _Batch, n_vocab: int, n_outputs: int) -> np.ndarray:
+    status = llama.llama_decode(ctx, batch.batch)
+    if status != 0:
+        raise RuntimeError(f"llama_decode failed with status {status}")
+    return np.ctypeslib.as_array(llama.llama_get_logits(ctx), (n_outputs, n_vocab))
+
+
+@dataclass
+class _Slot:
+    job: Job
+    chain: object
+    started: float
+    tokens: list[int] = field(default_factory=list)
+
+
+class BatchedSampler:
+    """Draws many samples of one prompt with `parallel` sequences in flight."""
+
+    def __init__(self, model: LlamaModel, settings: SamplingSettings, gbnf: str | None):
+        self.model = model
+        self.settings = settings
+        self.grammar = model.grammar(gbnf) if gbnf else None
+        self.candidates_ids = self.grammar.shortlist if self.grammar else np.arange(model.n_vocab, dtype=np.int32)
+
+    def _chain(self, seed: int):
+        llama = self.model._llama
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        if self.grammar is not None:
+            llama.llama_sampler_chain_add(chain, self.grammar.new_sampler())
+        if self.settings.temperature <= 0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
+        else:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(self.settings.temperature))
+            if self.settings.top_p < 1.0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(self.settings.top_p, 1))
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
+        return chain
+
+    def _sample(self, chain, candidates: CandidateArray, row: np.ndarray) -> int:
+        llama = self.model._llama
+        ids = self.candidates_ids
+        candidates.load(ids, row[ids] if self.grammar is not None else row)
+        llama.llama_sampler_apply(chain, candidates.pointer)
+        token = candidates.selected_token()
+        llama.llama_sampler_accept(chain, token)
+        return token
+
+    def run(self, prompt: str, jobs: Sequence[Job]) -> Iterator[Finished]:
+        """Yields each sample as it finishes (not in job order)."""
+        llama, model, settings = self.model._llama, self.model, self.settings
+        if not jobs:
+            return
+        prompt_tokens = model.tokenize(prompt)
+        n_prompt = len(prompt_tokens)
+        n_slots = max(1, min(settings.parallel, len(jobs)))
+        per_seq = n_prompt + settings.max_new_tokens + 1
+        ctx = model.context(per_seq * n_slots, n_slots, max(n_prompt, n_slots), unified=False)
+        batch = _Batch(llama, max(n_prompt, n_slots))
+        candidates = CandidateArray(model.n_vocab)
+        end_tokens = set(model.end_tokens)
+        pending = list(reversed(jobs))
+        slots: dict[int, _Slot] = {}
+        try:
+            batch.fill(prompt_tokens, range(n_prompt), [0] * n_prompt, [False] * (n_prompt - 1) + [True])
+            prompt_logits = _decode(llama, ctx, batch, model.n_vocab, 1)[0].copy()
+            memory = llama.llama_get_memory(ctx)
+            for s in range(1, n_slots):
+                llama.llama_memory_seq_cp(memory, 0, s, -1, -1)
+
+            def start(s: int) -> None:
+                job = pending.pop()
+                slot = _Slot(job, self._chain(job.seed), time.perf_counter())
+                slot.tokens.append(self._sample(slot.chain, candidates, prompt_logits))
+                slots[s] = slot
+
+            def finish(s: int, ended: bool) -> Finished:
+                slot = slots.pop(s)
+                llama.llama_sampler_free(slot.chain)
+                llama.llama_memory_seq_rm(memory, s, n_prompt, -1)
+                body = slot.tokens[:-1] if ended else slot.tokens
+                return Finished(slot.job.index, slot.job.seed, model.detokenize(body), len(slot.tokens),
+                                time.perf_counter() - slot.started, ended)
+
+            for s in range(n_slots):
+                start(s)
+            while slots:
+                done = [s for s, slot in slots.items() if slot.tokens[-1] in end_tokens]
+                done_cut = [s for s, slot in slots.items() if s not in done and len(slot.tokens) >= settings.max_new_tokens]
+                for s in done + done_cut:
+                    yield finish(s, s in done)
+                    if pending:
+                        start(s)
+                if not slots:
+                    break
+                active = sorted(slots)
+                batch.fill(
+                    [slots[s].tokens[-1] for s in active],
+                    [n_prompt + len(slots[s].tokens) - 1 for s in active],
+                    active,
+                    [True] * len(active),
+                )
+                logits = _decode(llama, ctx, batch, model.n_vocab, len(active))
+                for row, s in enumerate(active):
+                    slots[s].tokens.append(self._sample(slots[s].chain, candidates, logits[row]))
+        finally:
+            for slot in slots.values():
+                llama.llama_sampler_free(slot.chain)
+            batch.free()
+            llama.llama_free(ctx)
+
+    def close(self) -> None:
+        if self.grammar is not None:
+            self.grammar.close()
+
+
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    shifted = row.astype(np.float64) - row.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def score_continuations(model: LlamaModel, prompt: str, continuations: Sequence[Sequence[int]], parallel: int = 32) -> list[float]:
+    """log P(continuation + end of text | prompt) for each token sequence, sharing the prompt's KV cells."""
+    llama = model._llama
+    prompt_tokens = model.tokenize(prompt)
+    n_prompt = len(prompt_tokens)
+    eos = llama.llama_vocab_eos(model.vocab)
+    width = max((len(c) for c in continuations), default=0)
+    n_seq = max(1, min(parallel, len(continuations)))
+    capacity = max(n_prompt, n_seq * width, 1)
+    ctx = model.context(n_prompt + n_seq * width + 8, n_seq + 1, capacity, unified=True)
+    batch = _Batch(llama, capacity)
+    scores: list[float] = []
+    try:
+        batch.fill(prompt_tokens, range(n_prompt), [0] * n_prompt, [False] * (n_prompt - 1) + [True])
+        first = log_softmax(_decode(llama, ctx, batch, model.n_vocab, 1)[0])
+        memory = llama.llama_get_memory(ctx)
+        for start in range(0, len(continuations), n_seq):
+            chunk = continuations[start : start + n_seq]
+            tokens, positions, seqs = [], [], []
+            for k, continuation in enumerate(chunk):
+                llama.llama_memory_seq_cp(memory, 0, k + 1, -1, -1)
+                tokens += continuation
+                positions += range(n_prompt, n_prompt + len(continuation))
+                seqs += [k + 1] * len(continuation)
+            batch.fill(tokens, positions, seqs, [True] * len(tokens))
+            logits = _decode(llama, ctx, batch, model.n_vocab, len(tokens)) if tokens else np.zeros((0, model.n_vocab))
+            row = 0
+            for continuation in chunk:
+                total, previous = 0.0, first
+                for token in continuation:
+                    total += previous[token]
+                    previous = log_softmax(logits[row])
+                    row += 1
+                scores.append(float(total + previous[eos]))
+            for k in range(len(chunk)):
+                llama.llama_memory_seq_rm(memory, k + 1, -1, -1)
+    finally:
+        batch.free()
+        llama.llama_free(ctx)
+    return scores

@@ -1,0 +1,193 @@
+"""`crystal finetune` on the tiny base with real records: learning, exact resume, clean adapter, recipes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from crystal_cli import codec
+from crystal_cli.cli import app
+from crystal_cli.encode import EncodeOptions, encode
+from crystal_cli.errors import CrystalError
+from crystal_cli.finetune import (
+    Example, collate, completion_nll, epoch_batches, finetune, load_recipe, load_run, load_trained,
+    make_examples, parse_override, read_records, resolve_config, translated,
+)
+from tests.conftest import REPO, shared, simple_structures, write_cdvae_csv
+
+runner = CliRunner()
+STEPS = 16
+# tiny-test recipe, shrunk to the test budget: short crystals, no accumulation, a checkpoint every 4 steps
+OVERRIDES = {"train.max_steps": STEPS, "train.batch_size": 4, "train.grad_accum": 1, "train.eval_every": 8,
+             "train.checkpoint_every": 4, "train.log_every": 4, "data.max_length": 160, "data.val_records": 12,
+             "train.threads": 1}
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> Path:
+    """~60 real MP-20 materials (<= 6 sites) as unconditional + formula records with a seeded val split."""
+    out = tmp_path_factory.mktemp("records")
+    source = shared("mp_20", "train.csv.gz")
+    if source is None:  # founders' data absent: the pymatgen-built cells, repeated under new ids
+        source = write_cdvae_csv(out / "train.csv", {f"{k}{i}": s for i in range(12) for k, s in simple_structures().items()})
+    encode([(source, "train")], out, EncodeOptions(tasks=("unconditional", "formula"), max_atoms=6,
+                                                  max_rows=150, val_fraction=0.2, seed=1))
+    return out
+
+
+def config_for(records: Path, run: Path, resume: bool = False, **extra):
+    return resolve_config(run, REPO / "training" / "tiny-test.toml",
+                          OVERRIDES | {"data.records": str(records)} | extra, resume=resume)
+
+
+@pytest.fixture(scope="module")
+def full_run(records, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "full"
+    return run, finetune(config_for(records, run), run)
+
+
+def trainable_weights(run: Path, step: int) -> dict:
+    return load_file(run / "checkpoints" / f"step-{step}" / "trainable.safetensors")
+
+
+def test_tiny_finetune_lowers_val_loss(full_run):
+    run, result = full_run
+    assert result.steps == STEPS and not result.interrupted
+    assert result.val_loss < result.first_val_loss - 0.1, (result.first_val_loss, result.val_loss)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [4, 8, 12, 16]
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in train_rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 8, 16]
+    config = json.loads((run / "config.json").read_text())
+    assert config["base_spec"] == "tiny" and Path(config["base"]).is_absolute()
+    assert config["train"]["max_steps"] == STEPS and config["train"]["batch_size"] == 4  # overrides won
+    assert config["lora"]["r"] == 8 and config["data"]["translate"] == 0.5  # recipe values kept
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-12", "step-16"]  # keep_checkpoints=2
+
+
+def test_adapter_loads_with_peft_and_has_no_embeddings(full_run, records):
+    run, result = full_run
+    info = load_run(run)
+    tensors = load_file(info.adapter_dir / "adapter_model.safetensors")
+    assert tensors and all("lora_" in name for name in tensors)
+    assert not any("embed_tokens" in name or "lm_head" in name for name in tensors)
+    adapter_config = json.loads((info.adapter_dir / "adapter_config.json").read_text())
+    assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    model, tokenizer = load_trained(run)
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    # the reloaded adapter reproduces the trainer's final val loss on the same val examples
+    val = read_records(records / "val.jsonl")
+    picked = [val[i] for i in sorted(np.random.default_rng([0, 7]).permutation(len(val))[:12])]
+    examples, _ = make_examples(tokenizer, picked, 160)
+    with torch.no_grad():
+        nll, _ = completion_nll(model, collate(examples, tokenizer.pad_token_id))
+    assert float(nll.mean()) == pytest.approx(result.val_loss, abs=1e-4)
+
+
+def test_interrupted_run_resumes_exactly(full_run, records, tmp_path):
+    reference, finished = full_run
+    run = tmp_path / "interrupted"
+
+    def interrupt_at_step_6(event):
+        if event.step == 6 and event.loss is not None:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, caught by the trainer's handler
+
+    stopped = finetune(config_for(records, run), run, on_event=interrupt_at_step_6)
+    assert stopped.interrupted and stopped.steps == 6
+    assert (run / "checkpoints" / "step-6" / "trainer_state.json").is_file()
+    with pytest.raises(CrystalError, match="not finished"):
+        load_run(run)
+    resumed = finetune(config_for(records, run, resume=True), run, resume=True)
+    assert resumed.steps == STEPS and not resumed.interrupted
+    assert resumed.val_loss == pytest.approx(finished.val_loss, abs=1e-5)
+    assert resumed.train_loss == pytest.approx(finished.train_loss, abs=1e-5)
+    mine, theirs = trainable_weights(run, STEPS), trainable_weights(reference, STEPS)
+    assert all(torch.allclose(mine[k], theirs[k], atol=1e-6) for k in theirs)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [4, 8, 12, 16]  # no duplicated lines after resume
+
+
+def test_resume_refuses_to_change_the_run(full_run, records):
+    run, _ = full_run
+    with pytest.raises(CrystalError, match="learning_rate"):
+        config_for(records, run, resume=True, **{"train.learning_rate": 0.5})
+    with pytest.raises(CrystalError, match="already holds a run"):
+        config_for(records, run)
+    assert config_for(records, run, resume=True, **{"train.max_steps": 20}).train.max_steps == 20
+
+
+def test_batches_are_a_seeded_permutation():
+    lengths = list(np.random.default_rng(0).integers(10, 300, size=203))
+    batches = epoch_batches(lengths, 8, seed=3, epoch=1)
+    assert sorted(i for b in batches for i in b) == list(range(203))
+    assert batches == epoch_batches(lengths, 8, seed=3, epoch=1) != epoch_batches(lengths, 8, seed=3, epoch=2)
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    assert spread < 40  # length-bucketed: little padding inside a batch
+
+
+def test_translation_keeps_the_crystal(full_run):
+    from transformers import AutoTokenizer
+
+    run, _ = full_run
+    tokenizer = AutoTokenizer.from_pretrained(str(load_run(run).base_dir))
+    structure = simple_structures()["LiFePO4-like"]
+    text = codec.encode_structure(structure)
+    example = Example([1, 2], text, [3], True)
+    a = translated(example, tokenizer, np.random.default_rng(5))
+    b = translated(example, tokenizer, np.random.default_rng(5))
+    assert a == b and a.completion != text
+    moved = codec.parse_crystal(a.completion).structure
+    assert moved.composition == structure.composition and moved.lattice.abc == pytest.approx(structure.lattice.abc, abs=0.05)
+    assert a.completion_ids[-1] == tokenizer.eos_token_id
+
+
+def test_recipes_and_overrides(tmp_path):
+    for recipe in sorted((REPO / "training").glob("*.toml")):
+        load_recipe(recipe)  # every shipped recipe validates
+    default = load_recipe(REPO / "training" / "smollm2-135m-mp20.toml")
+    assert default["base"] == "smollm2-135m" and default["data.records"] == "runs/data/mp20-open"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\nbatch_sise = 4\n')
+    with pytest.raises(CrystalError, match="unknown key 'train.batch_sise'"):
+        load_recipe(bad)
+    bad.write_text('[train]\nbatch_size = "4"\n')
+    with pytest.raises(CrystalError, match="train.batch_size: expected int"):
+        load_recipe(bad)
+    assert parse_override("train.learning_rate=1e-4") == ("train.learning_rate", 1e-4)
+    assert parse_override("lora.target_modules=['q_proj']") == ("lora.target_modules", ["q_proj"])
+    assert parse_override("base=tiny") == ("base", "tiny")
+    config = resolve_config(tmp_path / "run", REPO / "training" / "tiny-test.toml", {"train.seed": 9, "lora.r": None})
+    assert config.train.seed == 9 and config.lora.r == 8
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, records):
+    cases = []
+    cases.append((["--data", str(tmp_path / "missing"), "--base", "tiny"], "does not exist"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.jsonl").write_text("")
+    cases.append((["--data", str(empty), "--base", "tiny"], "no records"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "train.jsonl").write_text(json.dumps({"prompt": "p", "completion": "x"}) + "\n"
+                                        + json.dumps({"prompt": "p", "task": "unconditional"}) + "\n")
+    cases.append((["--data", str(broken), "--base", "tiny"], "train.jsonl:2: record has no completion"))
+    cases.append((["--data", str(records), "--base", str(tmp_path)], "no config.json"))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("learning_rate = 1\n")
+    cases.append((["--data", str(records), "--recipe", str(recipe)], "unknown key 'learning_rate'"))
+    cases.append((["--data", str(records), "--base", "tiny", "--set", "train.precision=fp16"], "must be one of"))
+    for i, (args, message) in enumerate(cases):
+        result = runner.invoke(app, ["finetune", "-o", str(tmp_path / f"run{i}"), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) <= 2  # one message (the console may wrap it once)
