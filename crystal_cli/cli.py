@@ -636,7 +636,9 @@ def flow_train(
 @app.command()
 def refine(
     samples: Annotated[Path, typer.Argument(help="Structures to refine: CIF (multi-block), jsonl of samples, csv, extxyz.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Refined multi-block CIF.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Refined structures: multi-block .cif, or .jsonl of structure dicts.")
+    ],
     model: Annotated[str, typer.Option(help="Flow run directory (runs/flow-NAME) or a shipped model name under models/.")],
     steps: Annotated[int, typer.Option(help="Euler steps from t=0 to t=1.")] = 250,
     batch_size: Annotated[int, typer.Option(help="Structures integrated together.")] = 64,

@@ -151,8 +151,8 @@ def test_translation_keeps_the_crystal(full_run):
 
 
 def test_recipes_and_overrides(tmp_path):
-    for recipe in sorted((REPO / "training").glob("*.toml")):
-        load_recipe(recipe)  # every shipped recipe validates
+    for recipe in ("tiny-test.toml", "smollm2-135m-mp20.toml"):
+        load_recipe(REPO / "training" / recipe)  # the shipped finetune recipes validate
     default = load_recipe(REPO / "training" / "smollm2-135m-mp20.toml")
     assert default["base"] == "smollm2-135m" and default["data.records"] == "runs/data/mp20-open"
     bad = tmp_path / "bad.toml"

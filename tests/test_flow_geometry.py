@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from pymatgen.core import Lattice, Structure
-from pymatgen.core.structure import Structure as PmgStructure
 
 from crystal_cli.errors import CrystalError
 from crystal_cli.flow import manifolds as M
@@ -147,7 +146,7 @@ def test_pairs_from_files_match_formula_and_resume_identically(tmp_path, structu
     assert full["total_pairs"] == len(rows) == 6
     assert full["this_run"]["skipped"] == {"no_matching_sample": 2}  # NaCl and Si have no samples
     for row in rows:
-        c0, c1 = PmgStructure.from_dict(row["c0"]), PmgStructure.from_dict(row["c1"])
+        c0, c1 = Structure.from_dict(row["c0"]), Structure.from_dict(row["c1"])
         assert [s.specie for s in c0] == [s.specie for s in c1]
         assert row["distance"] < 1.0
     pairs = load_pairs(tmp_path / "full")
@@ -195,7 +194,7 @@ def test_llm_pairs_with_the_real_base_model(tmp_path, structures):
     rows = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert rows, progress  # the grammar makes every finished sample parse with the target's sites
     for row in rows:
-        c0, c1 = PmgStructure.from_dict(row["c0"]), PmgStructure.from_dict(row["c1"])
+        c0, c1 = Structure.from_dict(row["c0"]), Structure.from_dict(row["c1"])
         target = structures["ZnO-hex" if row["target_id"] == "ZnO" else "CsCl"]
         assert c0.composition == target.composition and [s.specie for s in c0] == [s.specie for s in c1]
         assert row["source"] == "llm"

@@ -14,6 +14,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -21,6 +22,7 @@ from pymatgen.core import Composition, Structure
 
 from crystal_cli.datasets import discover, read_entries
 from crystal_cli.errors import CrystalError
+from crystal_cli.evaluate.parallel import map_ordered
 
 MATCHER_SETTINGS = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0}
 _FORMULA_SUM = re.compile(r"_chemical_formula_sum\s+'?([^'\n]+?)'?\s*$", re.MULTILINE)
@@ -42,7 +44,7 @@ class Reference:
     """Reference structures grouped by reduced formula (only the formulas that were asked for, if any)."""
 
     by_formula: dict[str, list[Structure]] = field(default_factory=dict)
-    materials: int = 0  # distinct reference materials read (before the formula filter)
+    materials: int = 0  # distinct reference materials read (before the formula filter), unreadable included
     unreadable: int = 0
 
     def __len__(self) -> int:
@@ -53,32 +55,61 @@ def load_reference(path: str | Path, formulas: set[str] | None = None) -> Refere
     """Reference structures under `path` (dataset dir, csv, CIF(s), encode records), deduplicated by id.
 
     With `formulas`, only structures of those reduced formulas are kept; csv rows are filtered on the CIF's
-    `_chemical_formula_sum` before parsing, which makes a 30k-row reference a matter of seconds.
+    `_chemical_formula_sum` before parsing, and `crystal encode` records are parsed once per material id
+    (records repeat a material once per task), which makes a 30k-material reference a matter of seconds.
     """
     reference = Reference()
-    seen: set[str] = set()
+    done: set[str] = set()
+    failed: set[str] = set()
     for _, files in discover(path):
         for file in files:
-            if file.name.lower().endswith((".csv", ".csv.gz")) and formulas is not None:
+            name = file.name.lower()
+            if name.endswith((".csv", ".csv.gz")) and formulas is not None:
                 rows = _csv_rows_for(file, formulas)
+            elif name.endswith(".jsonl"):
+                rows = _record_rows(file, done, formulas)
             else:
                 rows = ((e.id, e.structure, False) for e in read_entries([file]))
             for material_id, structure, filtered_out in rows:
-                if material_id in seen:
+                if material_id in done:
                     continue
-                seen.add(material_id)
-                reference.materials += 1
-                if filtered_out:
+                if structure is None and not filtered_out:
+                    failed.add(material_id)
                     continue
-                if structure is None:
-                    reference.unreadable += 1
-                    continue
-                key = bucket_key(structure)
-                if formulas is None or key in formulas:
-                    reference.by_formula.setdefault(key, []).append(structure)
+                done.add(material_id)
+                if structure is not None:
+                    key = bucket_key(structure)
+                    if formulas is None or key in formulas:
+                        reference.by_formula.setdefault(key, []).append(structure)
+    reference.unreadable = len(failed - done)
+    reference.materials = len(done) + reference.unreadable
     if reference.materials == 0:
         raise CrystalError(f"{path}: the reference holds no structures")
     return reference
+
+
+def _record_rows(path: Path, done: set[str], formulas: set[str] | None) -> Iterable[tuple[str, Structure | None, bool]]:
+    """(id, structure, filtered out) per jsonl row with crystal text; ids already read and rows whose
+    "formula" field is not wanted are not parsed."""
+    import json
+
+    from crystal_cli.codec import parse_crystal
+
+    with path.open() as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                row = json.loads(line)
+                text = row["text"] if "text" in row else row["completion"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+            material_id = str(row.get("id", f"{path.name}:{number}"))
+            if material_id in done or row.get("task") == "infill":  # infill completions are one element
+                continue
+            if formulas is not None and isinstance(row.get("formula"), str):
+                if _reduced_formula(row["formula"]) not in formulas:
+                    yield material_id, None, True
+                    continue
+            yield material_id, parse_crystal(str(text)).structure, False
 
 
 def _csv_rows_for(path: Path, formulas: set[str]) -> Iterable[tuple[str, Structure | None, bool]]:
@@ -105,11 +136,14 @@ def _csv_rows_for(path: Path, formulas: set[str]) -> Iterable[tuple[str, Structu
 
 def _formula_of_cif(cif: str) -> str | None:
     match = _FORMULA_SUM.search(cif)
-    if not match:
-        return None
+    return _reduced_formula(match.group(1)) if match else None
+
+
+@lru_cache(maxsize=None)
+def _reduced_formula(formula: str) -> str | None:
     try:
-        return Composition(match.group(1)).reduced_formula
-    except Exception:  # malformed formula line: fall back to parsing the block
+        return Composition(formula).reduced_formula
+    except Exception:  # malformed formula: the caller falls back to parsing the structure
         return None
 
 
@@ -151,10 +185,13 @@ def _buckets(structures: Sequence[Structure | None]) -> dict[str, list[int]]:
     return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
 
 
-def _map(function, jobs: list, workers: int, progress: Progress | None):
-    from crystal_cli.evaluate.parallel import map_ordered
-
-    return map_ordered(function, jobs, workers, progress)
+def _scatter(groups: dict[str, list[int]], results: list[list[bool]], n: int) -> list[bool | None]:
+    """Per-bucket flags back into input order; None where there was no structure."""
+    flags: list[bool | None] = [None] * n
+    for indices, bucket_flags in zip(groups.values(), results):
+        for i, flag in zip(indices, bucket_flags):
+            flags[i] = flag
+    return flags
 
 
 def uniqueness(
@@ -162,12 +199,8 @@ def uniqueness(
 ) -> list[bool | None]:
     """True for the first structure of each equivalence class, False for later duplicates, None for missing."""
     groups = _buckets(structures)
-    results = _map(_bucket_uniqueness, [[structures[i] for i in idx] for idx in groups.values()], workers, progress)
-    flags: list[bool | None] = [None] * len(structures)
-    for indices, bucket_flags in zip(groups.values(), results):
-        for i, flag in zip(indices, bucket_flags):
-            flags[i] = flag
-    return flags
+    jobs = [[structures[i] for i in indices] for indices in groups.values()]
+    return _scatter(groups, map_ordered(_bucket_uniqueness, jobs, workers, progress), len(structures))
 
 
 def novelty(
@@ -175,10 +208,5 @@ def novelty(
 ) -> list[bool | None]:
     """True when no reference structure of the same reduced formula matches; None for missing structures."""
     groups = _buckets(structures)
-    jobs = [([structures[i] for i in idx], reference.by_formula.get(key, [])) for key, idx in groups.items()]
-    results = _map(_bucket_novelty, jobs, workers, progress)
-    flags: list[bool | None] = [None] * len(structures)
-    for indices, bucket_flags in zip(groups.values(), results):
-        for i, flag in zip(indices, bucket_flags):
-            flags[i] = flag
-    return flags
+    jobs = [([structures[i] for i in indices], reference.by_formula.get(key, [])) for key, indices in groups.items()]
+    return _scatter(groups, map_ordered(_bucket_novelty, jobs, workers, progress), len(structures))

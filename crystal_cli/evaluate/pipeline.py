@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pymatgen.core import Structure
 
 from crystal_cli.datasets import Entry, read_structures
 from crystal_cli.errors import CrystalError
 from crystal_cli.evaluate import coverage as coverage_metrics
 from crystal_cli.evaluate import matching, validity
-from crystal_cli.evaluate.potential import CHGNET, RelaxSettings
+from crystal_cli.evaluate.potential import CHGNET, RelaxSettings, check_spec
 from crystal_cli.evaluate.stability import StabilityRecord, evaluate_stability, not_relaxed
 
 # progress(stage description, total) -> advance(n); the CLI draws it, tests pass None
@@ -105,6 +104,8 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
     from crystal_cli.evaluate.hull import Hull
 
     hull = Hull.load(options.hull) if options.hull is not None else None  # fail before hours of work
+    if options.stability:
+        check_spec(options.potential)
 
     started = time.monotonic()
     samples = [SampleResult(i, e) for i, e in enumerate(read_samples(path))]
@@ -142,9 +143,8 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
     if options.coverage_reference is not None:
         started = time.monotonic()
         rng = np.random.default_rng(options.seed)
-        reference_structures = [e.structure for e in read_structures(options.coverage_reference) if e.structure is not None]
-        if not reference_structures:
-            raise CrystalError(f"{options.coverage_reference}: no readable reference structures")
+        loaded = matching.load_reference(options.coverage_reference)  # one structure per material id
+        reference_structures = [s for group in loaded.by_formula.values() for s in group]
         reference_structures = _subsample(reference_structures, options.coverage_max_reference, rng)
         evaluation.reference_sizes["coverage_reference"] = len(reference_structures)
         evaluation.reference_properties = {
@@ -153,10 +153,11 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
         }
         evaluation.distribution = coverage_metrics.wasserstein(valid_structures, reference_structures, options.seed)
         structures = [s.entry.structure for s in samples if s.entry.structure is not None]
-        fingerprints = coverage_metrics.fingerprints(
-            structures + reference_structures, options.workers, progress("fingerprints", len(structures) + len(reference_structures))
+        everything = structures + reference_structures
+        fingerprints = coverage_metrics.fingerprints(everything, options.workers, progress("fingerprints", len(everything)))
+        evaluation.coverage = coverage_metrics.coverage(
+            fingerprints[: len(structures)], fingerprints[len(structures):], n_generated=len(samples)
         )
-        evaluation.coverage = coverage_metrics.coverage(fingerprints[: len(structures)], fingerprints[len(structures):], len(samples))
         timed("coverage", started)
 
     if options.stability:
@@ -166,13 +167,13 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
         evaluation.stability_indices = chosen
         jobs = []
         for index in chosen:
-            sample = samples[index]
-            if sample.entry.structure is None:
-                sample.stability = not_relaxed(index, sample.entry.id, sample.entry.error or "unreadable", sample.entry.detail)
-            elif not sample.validity.structural:
-                sample.stability = not_relaxed(index, sample.entry.id, "structurally_invalid", sample.validity.structural_reason)
+            entry, checked = samples[index].entry, samples[index].validity
+            if entry.structure is None:
+                samples[index].stability = not_relaxed(index, entry.id, entry.error or "unreadable", entry.detail)
+            elif not checked.structural:
+                samples[index].stability = not_relaxed(index, entry.id, "structurally_invalid", checked.structural_reason)
             else:
-                jobs.append((index, sample.entry.id, sample.entry.structure))
+                jobs.append((index, entry.id, entry.structure))
         records = evaluate_stability(
             jobs, options.potential, options.relax, hull, options.workers, options.stability_log,
             progress("relax", len(jobs)),

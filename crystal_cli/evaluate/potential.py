@@ -112,10 +112,19 @@ class Potential:
         return Relaxation(relaxed, energy_per_atom, steps, bool(converged) and error is None, seconds, error, detail)
 
 
+def check_spec(spec: str | Path) -> None:
+    """Reject a potential that cannot be loaded before any work starts (a matgl save holds model.json)."""
+    from crystal_cli.errors import CrystalError
+
+    if str(spec).lower() != CHGNET and not (Path(spec) / "model.json").is_file():
+        raise CrystalError(f"{spec}: --potential must be 'chgnet' or a matgl model directory (with model.json)")
+
+
 def load_potential(spec: str | Path) -> Potential:
     """'chgnet' (default, bundled weights) or a directory holding a matgl model saved with Potential.save."""
     from crystal_cli.errors import CrystalError
 
+    check_spec(spec)
     if str(spec).lower() == CHGNET:
         from chgnet.model import CHGNet
         from chgnet.model.dynamics import CHGNetCalculator
@@ -125,8 +134,6 @@ def load_potential(spec: str | Path) -> Potential:
             model = CHGNet.load(verbose=False)
         return Potential(CHGNET, CHGNetCalculator(model=model, use_device="cpu"), CHGNET_ELEMENTS)
     path = Path(spec)
-    if not path.is_dir():
-        raise CrystalError(f"{path}: --potential must be 'chgnet' or a matgl model directory")
     import matgl
     from matgl.ext.ase import PESCalculator
 

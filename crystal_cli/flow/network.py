@@ -12,7 +12,7 @@ changes nothing. Outputs: a per-atom coordinate velocity (cell mean removed) and
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,9 +34,6 @@ class FlowNetConfig:
     num_rbf: int = 16
     rbf_cutoff: float = 8.0  # Å
     max_z: int = 103
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -99,25 +96,32 @@ class TimeEmbedding(nn.Module):
 
 
 class CSPLayer(MessagePassing):
-    """h_i ← h_i + φ_h(h_i, mean_j φ_e(h_i, h_j, e_ij)), pre-LayerNorm (DiffCSP's layer with ln=True)."""
+    """h_i ← h_i + φ_h(h_i, mean_j φ_e(h_i, h_j, e_ij)), pre-LayerNorm (DiffCSP's layer with ln=True).
+
+    φ_e's first linear map acts on the concatenation [h_i, h_j, e_ij]; it is split into three maps so the
+    node parts are computed once per atom instead of once per edge (same function, ~2x fewer edge FLOPs).
+    """
 
     def __init__(self, hidden_dim: int, edge_dim: int):
         super().__init__(aggr="mean")
         self.norm = nn.LayerNorm(hidden_dim)
-        self.edge_mlp = nn.Sequential(
-            nn.Linear(2 * hidden_dim + edge_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim), nn.SiLU()
-        )
+        self.edge_target = nn.Linear(hidden_dim, hidden_dim, bias=False)
+        self.edge_source = nn.Linear(hidden_dim, hidden_dim, bias=False)
+        self.edge_attr = nn.Linear(edge_dim, hidden_dim)
+        self.edge_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, hidden_dim), nn.SiLU())
         self.node_mlp = nn.Sequential(
             nn.Linear(2 * hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim), nn.SiLU()
         )
 
     def forward(self, h: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
         normed = self.norm(h)
-        aggregated = self.propagate(edge_index, h=normed, edge_attr=edge_attr)
+        aggregated = self.propagate(
+            edge_index, target=self.edge_target(normed), source=self.edge_source(normed), attr=self.edge_attr(edge_attr)
+        )
         return h + self.node_mlp(torch.cat([normed, aggregated], dim=-1))
 
-    def message(self, h_i: torch.Tensor, h_j: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
-        return self.edge_mlp(torch.cat([h_i, h_j, edge_attr], dim=-1))
+    def message(self, target_i: torch.Tensor, source_j: torch.Tensor, attr: torch.Tensor) -> torch.Tensor:
+        return self.edge_out(target_i + source_j + attr)
 
 
 class FlowNet(nn.Module):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from crystal_cli.errors import CrystalError
-from crystal_cli.flow.manifolds import remove_mean, torus_exp, torus_log
+from crystal_cli.flow.manifolds import remove_mean, torus_geodesic, torus_log
 from crystal_cli.flow.network import Cells, FlowNet, FlowNetConfig
 from crystal_cli.flow.pairs import Pair, load_pairs, split_pairs
 from crystal_cli.structure_io import append_jsonl, read_jsonl
@@ -133,7 +133,7 @@ def flow_matching_loss(
     """(total, coordinate term, lattice term) at times t (one per cell)."""
     cells = batch.cells
     u_raw = torus_log(batch.f0, batch.f1)
-    frac_t = torus_exp(batch.f0, t[cells.graph, None] * u_raw)
+    frac_t = torus_geodesic(batch.f0, batch.f1, t[cells.graph, None])
     lattice_t = batch.l0 + t[:, None] * (batch.l1 - batch.l0)
     u_frac = remove_mean(u_raw, cells.graph, cells.num_graphs)
     u_lattice = batch.l1 - batch.l0

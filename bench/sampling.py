@@ -1,0 +1,134 @@
+"""Sampling speed, side by side: llama.cpp batched vs transformers batched, same weights, prompt and N.
+
+Prints structures/s and tokens/s of each backend, their ratio, parse rates, the grammar's per-token overhead
+(llama.cpp with vs without the grammar), and decoding throughput as a fraction of this machine's measured
+float32 matmul throughput (torch, all threads).
+
+    python bench/sampling.py                      # SmolLM2-135M base, N=64
+    python bench/sampling.py --model runs/NAME    # a finetune run (exported once, cached)
+
+GPU: build llama-cpp-python with CMAKE_ARGS="-DGGML_CUDA=on" (see Makefile), and this script's llama.cpp
+numbers use it as they are (all layers are offloaded by default); transformers runs on CPU here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from crystal_cli.runtime import configure_process  # noqa: E402
+
+configure_process()
+
+
+def matmul_gflops(seconds: float = 3.0) -> float:
+    """float32 GEMM throughput with torch on all threads (the machine's practical dense-math ceiling)."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * 1024**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def run_backend(sampler, prompt: str, jobs) -> dict:
+    from crystal_cli import codec
+
+    start = time.perf_counter()
+    finished = list(sampler.run(prompt, jobs))
+    seconds = time.perf_counter() - start
+    tokens = sum(f.tokens for f in finished)
+    ok = sum(codec.parse_crystal(f.text).ok for f in finished)
+    return {"n": len(finished), "seconds": seconds, "tokens": tokens, "structures_per_s": len(finished) / seconds,
+            "tokens_per_s": tokens / seconds, "parse_rate": ok / len(finished)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="run directory or base (default smollm2-135m)")
+    parser.add_argument("-n", type=int, default=64)
+    parser.add_argument("--parallel", type=int, default=32)
+    parser.add_argument("--max-atoms", type=int, default=20)
+    parser.add_argument("--quant", default="q8_0")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args()
+
+    import torch
+
+    from crystal_cli import codec
+    from crystal_cli.export import cached_export
+    from crystal_cli.grammar import crystal_gbnf, max_new_tokens
+    from crystal_cli.sampling.llama_backend import BatchedSampler, Job, LlamaModel, SamplingSettings, job_seed
+
+    torch.set_num_threads(args.threads)
+    prompt = codec.unconditional_prompt()
+    gbnf = crystal_gbnf(args.max_atoms)
+    settings = SamplingSettings(args.temperature, args.top_p, max_new_tokens(args.max_atoms), args.parallel, args.threads)
+    jobs = [Job(i, job_seed(0, i)) for i in range(args.n)]
+    report: dict = {"model": args.model, "n": args.n, "parallel": args.parallel, "max_atoms": args.max_atoms,
+                    "quant": args.quant, "threads": args.threads}
+
+    report["matmul_gflops"] = matmul_gflops()
+    gguf = cached_export(args.model, args.quant)
+    with LlamaModel(gguf, threads=args.threads) as model:
+        import llama_cpp
+
+        params = llama_cpp.llama_model_n_params(model.model)
+        for name, grammar in (("llama_grammar", gbnf), ("llama_free", None)):
+            sampler = BatchedSampler(model, settings, grammar)
+            report[name] = run_backend(sampler, prompt, jobs)
+            sampler.close()
+    report["params"] = params
+
+    if not args.skip_transformers:
+        from crystal_cli.bases import resolve_base, smollm2_gguf, source_gguf
+        from crystal_cli.export import is_run_dir
+        from crystal_cli.finetune import load_run, load_trained
+        from crystal_cli.sampling.hf_backend import HFSampler, load_vocab_grammar
+
+        base_dir = load_run(args.model).base_dir if is_run_dir(Path(args.model)) else resolve_base(args.model)
+        hf_model, tokenizer = load_trained(args.model)
+        engine, vocab_model = load_vocab_grammar(source_gguf(base_dir) or smollm2_gguf(), gbnf)
+        report["transformers_grammar"] = run_backend(HFSampler(hf_model, tokenizer, settings, engine), prompt, jobs)
+        engine.close()
+        vocab_model.close()
+        report["ratio_llama_vs_transformers"] = (
+            report["llama_grammar"]["structures_per_s"] / report["transformers_grammar"]["structures_per_s"]
+        )
+
+    free, constrained = report["llama_free"], report["llama_grammar"]
+    report["grammar_overhead_per_token"] = (constrained["seconds"] / constrained["tokens"]) / (free["seconds"] / free["tokens"]) - 1
+    for name in ("llama_grammar", "llama_free", "transformers_grammar"):
+        if name in report:
+            report[name]["matmul_fraction"] = report[name]["tokens_per_s"] * 2 * params / 1e9 / report["matmul_gflops"]
+
+    print(f"model {args.model} ({params / 1e6:.0f}M params, llama.cpp {args.quant}), N={args.n}, "
+          f"parallel={args.parallel}, max atoms {args.max_atoms}, {args.threads} threads")
+    print(f"machine float32 matmul: {report['matmul_gflops']:.1f} GFLOP/s")
+    for name in ("llama_grammar", "llama_free", "transformers_grammar"):
+        if name in report:
+            r = report[name]
+            print(f"{name:22s} {r['structures_per_s']:6.2f} structures/s  {r['tokens_per_s']:7.1f} tokens/s  "
+                  f"parse {r['parse_rate']:6.1%}  {r['seconds']:6.1f} s  {r['matmul_fraction']:.1%} of matmul peak")
+    if "ratio_llama_vs_transformers" in report:
+        print(f"llama.cpp / transformers (both with grammar): {report['ratio_llama_vs_transformers']:.2f}x")
+    print(f"grammar overhead per token (llama.cpp): {report['grammar_overhead_per_token']:+.1%}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
