@@ -178,14 +178,14 @@ def finetune(
 
     from crystal_cli.finetune import finetune as run_finetune, parse_override, resolve_config
 
-    overrides: dict[str, object] = dict(parse_override(item) for item in set_ or [])
-    overrides |= {
+    flags = {
         "base": base, "data.records": str(data) if data is not None else None, "train.max_steps": steps,
         "train.epochs": epochs, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
         "train.learning_rate": lr, "data.max_length": max_length, "data.translate": translate, "train.seed": seed,
         "train.eval_every": eval_every, "train.checkpoint_every": save_every, "train.device": device,
         "train.precision": precision,
     }
+    overrides = dict(parse_override(item) for item in set_ or []) | {k: v for k, v in flags.items() if v is not None}
     config = resolve_config(output, recipe, overrides, resume=resume)
     columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[val]}"),
                TextColumn("{task.fields[speed]} tok/s"))

@@ -273,6 +273,8 @@ def tokenize_completion(tokenizer, completion: str) -> list[int]:
 
 def make_examples(tokenizer, records: list[dict], max_length: int) -> tuple[list[Example], int]:
     """Tokenized examples (prompt as the model sees it at generation, completion + EOS) and the too-long count."""
+    if not records:
+        return [], 0
     prompts = tokenizer([r["prompt"] for r in records])["input_ids"]
     completions = tokenizer([r["completion"] for r in records], add_special_tokens=False)["input_ids"]
     examples, too_long = [], 0

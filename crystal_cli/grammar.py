@@ -38,9 +38,11 @@ FRACTION = '"0." [0-9] [0-9]'
 # Longest text per line of the grammar, in characters (a token is at least one character).
 _LATTICE_CHARS = len("99.9 99.9 99.9\n179 179 179")
 _SITE_CHARS = len("\nHe\n0.00 0.00 0.00")
-# A piece of crystal text: an optional lowercase letter ending an element symbol, then digits, '.', ' ',
-# newlines and element-like letter runs. Any token that is not such a piece can never be grammatical.
-_CRYSTAL_PIECE = re.compile(r"^[a-z]?(?:[0-9. \n]|[A-Z][a-z]?)*$")
+_TEXT_CHARS = frozenset("0123456789. \n")
+_LETTER_RUNS = re.compile(r"[A-Za-z]+")
+_SYMBOL_PREFIXES = frozenset(el[:i] for el in ELEMENTS for i in range(1, len(el) + 1))
+_SYMBOL_SUFFIXES = frozenset(el[i:] for el in ELEMENTS for i in range(len(el)))
+_SYMBOL_PARTS = _SYMBOL_PREFIXES | _SYMBOL_SUFFIXES
 
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data, 12 bytes
 
@@ -174,9 +176,27 @@ def crystal_gbnf(max_atoms: int, formula: FormulaConstraint | None = None) -> st
 # -------------------------------------------------------------------------------------- token engine
 
 
+def _could_be_crystal_text(piece: str) -> bool:
+    """Is `piece` a substring of some crystal text? Letters only as (parts of) element symbols."""
+    if not piece or any(not (ch in _TEXT_CHARS or (ch.isascii() and ch.isalpha())) for ch in piece):
+        return False
+    for match in _LETTER_RUNS.finditer(piece):
+        start, end, run = match.start(), match.end(), match.group()
+        at_start, at_end = start == 0, end == len(piece)
+        allowed = (
+            _SYMBOL_PARTS if at_start and at_end else
+            _SYMBOL_SUFFIXES if at_start else
+            _SYMBOL_PREFIXES if at_end else
+            ELEMENTS
+        )
+        if run not in allowed:
+            return False
+    return True
+
+
 def crystal_shortlist(pieces: Sequence[str], end_tokens: Sequence[int]) -> np.ndarray:
-    """Token ids that could ever be grammatical: crystal-text pieces and end-of-generation tokens."""
-    ids = {i for i, piece in enumerate(pieces) if piece and _CRYSTAL_PIECE.match(piece)}
+    """Token ids that could ever be grammatical: pieces of crystal text and end-of-generation tokens."""
+    ids = {i for i, piece in enumerate(pieces) if _could_be_crystal_text(piece)}
     return np.array(sorted(ids | set(end_tokens)), dtype=np.int32)
 
 

@@ -70,7 +70,7 @@ def test_lattice_maps_are_inverse_and_match_pymatgen():
     assert torch.allclose(back_lengths, lengths, atol=1e-10)
     assert torch.allclose(back_angles, angles, atol=1e-9)
     # and the other way round: any point of R^6 is a lattice that maps back to itself
-    z = 3 * torch.randn(100, 6, generator=g, dtype=torch.float64)
+    z = 16 * torch.rand(100, 6, generator=g, dtype=torch.float64) - 8  # |logit| < 8.7: not clamped
     assert torch.allclose(M.lattice_to_euclidean(*M.euclidean_to_lattice(z)), z, atol=1e-6)
     for a, b in zip(lengths[:5], angles[:5]):
         expected = Lattice.from_parameters(*a.tolist(), *b.tolist()).matrix
@@ -162,6 +162,15 @@ def test_pairs_from_files_match_formula_and_resume_identically(tmp_path, structu
     resumed = build_pairs(targets, part, FileSamples(samples), options, resume=True)
     assert resumed["this_run"]["resumed_targets"] == 2
     assert (part / "pairs.jsonl").read_text() == (tmp_path / "full" / "pairs.jsonl").read_text()
+
+
+def test_pairs_of_a_cell_outside_the_angle_interval_share_its_niggli_cell(tmp_path):
+    skewed = Structure(Lattice.from_parameters(3.0, 3.0, 7.0, 90, 90, 30), ["Na", "Cl", "Cl"],
+                       [[0, 0, 0], [0.5, 0.5, 0.5], [0.1, 0.7, 0.2]])
+    write_structures(tmp_path / "t.cif", [("skewed", skewed)])
+    build_pairs(tmp_path / "t.cif", tmp_path / "p", PerturbedSamples(0.02, 0.02), PairOptions(samples_per_target=2))
+    for pair in load_pairs(tmp_path / "p"):
+        assert (pair.l1 - pair.l0).norm() < 0.2  # the noise only, not a clamped angle against a reduced one
 
 
 def test_split_pairs_keeps_targets_together(tmp_path, structures):

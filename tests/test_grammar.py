@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import shared, simple_structures
+from tests.conftest import shared, simple_structures
 
 from crystal_cli import codec
 from crystal_cli.errors import CrystalError
@@ -99,12 +99,14 @@ def test_angle_triples_the_grammar_takes_always_enclose_a_volume(vocab):
     rng = random.Random(0)
     triples = [(rng.randint(1, 179), rng.randint(1, 179), rng.randint(1, 179)) for _ in range(150)]
     triples += [(90, 90, 90), (90, 90, 120), (60, 60, 60), (9, 9, 9), (90, 90, 164), (161, 161, 26), (90, 125, 90)]
-    taken = 0
+    taken = valid = 0
     for a, b, g in triples:
+        is_valid = a + b + g < 360 and a < b + g and b < a + g and g < a + b
+        valid += is_valid
         if accepts(vocab, engine, f"3.0 3.0 3.0\n{a} {b} {g}\nSi\n0.00 0.00 0.00"):
             taken += 1
-            assert a + b + g < 360 and a < b + g and b < a + g and g < a + b, (a, b, g)
-    assert taken > 40  # a real share of the valid triples, and every real-data pattern above
+            assert is_valid, (a, b, g)
+    assert taken >= 0.75 * valid  # most valid triples (85 % over the whole cube), and the real patterns below
     for triple in triples[-7:]:
         assert accepts(vocab, engine, "3.0 3.0 3.0\n{} {} {}\nSi\n0.00 0.00 0.00".format(*triple))
     engine.close()

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from crystal_cli.evaluate.coverage import density, n_elements
 from crystal_cli.evaluate.pipeline import Evaluation
 from crystal_cli.evaluate.stability import METASTABLE_THRESHOLD, STABLE_THRESHOLD
@@ -52,7 +54,8 @@ def write_plots(evaluation: Evaluation, directory: str | Path) -> list[Path]:
         for name, values, integer in (("density", [density(s) for s in valid], False),
                                       ("n_elements", [n_elements(s) for s in valid], True)):
             figure, axis = plt.subplots(figsize=(6, 4))
-            bins = [b - 0.5 for b in range(1, max(values + reference.get(name, [1])) + 2)] if integer else 40
+            combined = values + reference.get(name, [])
+            bins = np.arange(0.5, max(combined) + 1.5) if integer else np.histogram_bin_edges(combined, bins=40)
             axis.hist(values, bins=bins, density=True, alpha=0.6, label=f"samples (n = {len(values)})")
             if reference.get(name):
                 axis.hist(reference[name], bins=bins, density=True, alpha=0.6,

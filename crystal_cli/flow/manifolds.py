@@ -17,7 +17,7 @@ from pymatgen.core import Lattice, Structure
 # the logit finite for exactly 60/90/120° cells.
 ANGLE_LOW = 59.9
 ANGLE_HIGH = 120.1
-_ANGLE_EPS = 1e-4  # degrees: how far inside the interval out-of-range angles are clamped
+_ANGLE_EPS = 0.01  # degrees: how far inside the interval out-of-range angles are clamped (logit ±8.7)
 
 
 # -------------------------------------------------------------------------------------------- flat torus

@@ -40,7 +40,7 @@ from crystal_cli.structure_io import StructureAppender, append_jsonl, format_for
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def integrate(
     model: FlowNet, cells: Cells, frac: torch.Tensor, lattice: torch.Tensor, steps: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,8 +133,8 @@ def refine_file(
     resume: bool = False,
     progress: Callable[[int | None], None] | None = None,
 ) -> dict:
-    """Refine every structure in `samples` into the multi-block CIF `output`; one jsonl row per input in
-    `log_path` (default OUTPUT with suffix .steps.jsonl). `progress(total)` once, then `progress(None)` per
+    """Refine every structure in `samples` into `output` (multi-block .cif or .jsonl); one jsonl row per
+    input in `log_path` (default OUTPUT with suffix .steps.jsonl). `progress(total)` once, then `progress(None)` per
     input handled. Returns counts (refined, skipped by reason, resumed)."""
     output = Path(output)
     fmt = format_for(output)
@@ -153,38 +153,41 @@ def refine_file(
         for _ in range(done):
             progress(None)
 
-    pending: list[tuple[int, Entry]] = []
+    # inputs in order, each with the reason it is skipped (or None); refined a batch at a time so the log
+    # stays in input order without letting skipped rows shrink the batches
+    pending: list[tuple[int, Entry, str | None]] = []
     with StructureAppender(output, fmt) as out, log_path.open("a") as log:
 
         def flush() -> None:
-            refined = refine_structures(model, [e.structure for _, e in pending], steps)
-            for (index, entry), result in zip(pending, refined):
-                row = {"index": index, "id": entry.id, "status": "refined", "n_atoms": len(result.structure),
-                       "formula": result.structure.composition.reduced_formula, "steps": steps, **result.summary}
-                out.append(result.structure, entry.id)
-                append_jsonl(log, row)
-                counts["refined"] += 1
+            batch = [entry.structure for _, entry, reason in pending if reason is None]
+            refined = iter(refine_structures(model, batch, steps) if batch else [])
+            for index, entry, reason in pending:
+                if reason is not None:
+                    append_jsonl(log, {"index": index, "id": entry.id, "status": reason, "detail": entry.detail})
+                    counts[f"skipped:{reason}"] += 1
+                else:
+                    result = next(refined)
+                    out.append(result.structure, entry.id)
+                    append_jsonl(log, {"index": index, "id": entry.id, "status": "refined",
+                                       "n_atoms": len(result.structure),
+                                       "formula": result.structure.composition.reduced_formula, "steps": steps,
+                                       **result.summary})
+                    counts["refined"] += 1
                 if progress:
                     progress(None)
             pending.clear()
 
+        waiting = 0
         for index, entry in enumerate(entries):
             if index < done:
                 continue
             reason = usable(entry, model.config.max_z)
-            if reason is not None:
-                if pending:  # keep the log in input order
-                    flush()
-                append_jsonl(log, {"index": index, "id": entry.id, "status": reason, "detail": entry.detail})
-                counts[f"skipped:{reason}"] += 1
-                if progress:
-                    progress(None)
-                continue
-            pending.append((index, entry))
-            if len(pending) >= batch_size:
+            pending.append((index, entry, reason))
+            waiting += reason is None
+            if waiting >= batch_size:
                 flush()
-        if pending:
-            flush()
+                waiting = 0
+        flush()
     refined = counts.pop("refined", 0)
     return {
         "inputs": len(entries),

@@ -284,6 +284,7 @@ def build_pairs(
                     progress(None)
                 continue
             rng = target_rng(options.seed, entry_id)
+            target, _ = reduce_if_needed(target)  # samples (perturbed ones too) start from the flow's cell
             made, reasons = 0, Counter()
             for k, sample in enumerate(source.draw(target, options.samples_per_target, rng)):
                 row = sample if isinstance(sample, str) else make_pair(

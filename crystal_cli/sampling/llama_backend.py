@@ -58,7 +58,8 @@ class Finished:
 
 def job_seed(seed: int, index: int) -> int:
     """A per-sample seed that depends only on (run seed, sample index): resumed runs draw new samples."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    # 0xFFFFFFFF is llama.cpp's "pick a random seed"; never hand it out
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0]) % 0xFFFFFFFF
 
 
 class LlamaModel:
@@ -86,6 +87,7 @@ class LlamaModel:
         self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
         self.end_tokens = [t for t in range(self.n_vocab) if llama.llama_vocab_is_eog(self.vocab, t)]
         self._pieces: list[bytes] | None = None
+        self._shortlist: np.ndarray | None = None
 
     # ------------------------------------------------------------------------------------ vocabulary
 
@@ -115,8 +117,9 @@ class LlamaModel:
         return b"".join(pieces[t] for t in tokens).decode("utf-8", errors="replace")
 
     def grammar(self, gbnf: str) -> GrammarEngine:
-        shortlist = crystal_shortlist([p.decode("utf-8", errors="replace") for p in self.pieces], self.end_tokens)
-        return GrammarEngine(self.vocab, gbnf, shortlist)
+        if self._shortlist is None:
+            self._shortlist = crystal_shortlist([p.decode("utf-8", errors="replace") for p in self.pieces], self.end_tokens)
+        return GrammarEngine(self.vocab, gbnf, self._shortlist)
 
     # -------------------------------------------------------------------------------------- contexts
 
