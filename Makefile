@@ -5,11 +5,14 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PIN    := -c constraints.txt
 
-# llama.cpp CPU build without -march=native: the default build enables AMX, which faults on
-# quantized models on some VMs (see README). GPU users: make install CMAKE_ARGS="-DGGML_CUDA=on".
-CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
-	-DGGML_AVX512_VBMI=ON -DLLAVA_BUILD=OFF
+# llama.cpp CPU build without -march=native: the default build enables AMX, which faults on quantized
+# models on some VMs (see README). Each AVX-512 extension is switched on only when this CPU has it (an
+# AVX-512 build dies with "Illegal instruction" on AVX2-only hosts). GPU users: CMAKE_ARGS="-DGGML_CUDA=on".
+cpu_has = $(shell grep -qw $(1) /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=$(call cpu_has,avx2) -DGGML_FMA=$(call cpu_has,fma) \
+	-DGGML_F16C=$(call cpu_has,f16c) -DGGML_BMI2=$(call cpu_has,bmi2) -DGGML_AVX512=$(call cpu_has,avx512f) \
+	-DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) -DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16) \
+	-DGGML_AVX512_VBMI=$(call cpu_has,avx512vbmi) -DLLAVA_BUILD=OFF
 LLAMA_CPP_VERSION ?= 0.3.36
 
 export MALLOC_MMAP_THRESHOLD_ := 33554432

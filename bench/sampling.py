@@ -102,7 +102,7 @@ def main() -> None:
         base_dir = load_run(args.model).base_dir if is_run_dir(Path(args.model)) else resolve_base(args.model)
         hf_model, tokenizer = load_trained(args.model)
         engine, vocab_model = load_vocab_grammar(source_gguf(base_dir) or smollm2_gguf(), gbnf)
-        report["transformers_grammar"] = run_backend(HFSampler(hf_model, tokenizer, settings, engine), prompt, jobs)
+        report["transformers_grammar"] = run_backend(HFSampler(hf_model, tokenizer, settings, engine, vocab_model.end_tokens), prompt, jobs)
         engine.close()
         vocab_model.close()
         report["ratio_llama_vs_transformers"] = (

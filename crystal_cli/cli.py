@@ -549,6 +549,7 @@ def flow_pairs(
     ] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="--model: a GGUF LoRA adapter to apply.")] = None,
     temperature: Annotated[float, typer.Option(help="--model: sampling temperature.")] = 1.0,
+    threads: Annotated[Optional[int], typer.Option(help="--model: llama.cpp threads (default: every core).")] = None,
     perturb: Annotated[bool, typer.Option(help="c0 = the target with coordinate and lattice noise.")] = False,
     coord_noise: Annotated[float, typer.Option(help="--perturb: std of fractional-coordinate noise.")] = 0.05,
     lattice_noise: Annotated[float, typer.Option(help="--perturb: std of noise on log lengths / logit angles.")] = 0.05,
@@ -571,7 +572,7 @@ def flow_pairs(
     elif model is not None:
         from crystal_cli.flow.pairs import LLMSamples
 
-        source = LLMSamples(model, adapter=adapter, temperature=temperature)
+        source = LLMSamples(model, adapter=adapter, temperature=temperature, threads=threads)
     else:
         source = PerturbedSamples(coord_noise=coord_noise, lattice_noise=lattice_noise)
     options = PairOptions(samples_per_target=per_target, seed=seed, max_atoms=max_atoms, max_targets=max_targets)

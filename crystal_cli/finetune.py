@@ -386,6 +386,14 @@ def load_run(run_dir: str | Path) -> RunInfo:
     return RunInfo(base_dir=base_dir, adapter_dir=adapter_dir.resolve(), config=config)
 
 
+def _is_run_dir(path: Path) -> bool:
+    """A finetune run (its config.json records base_spec), as opposed to a model directory."""
+    try:
+        return "base_spec" in json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, TypeError):
+        return False
+
+
 def load_trained(model_spec: str | Path, device: str = "cpu", dtype=None):
     """(model in eval mode, tokenizer) for a finished run directory, or a bare base spec (no adapter)."""
     from peft import PeftModel
@@ -394,7 +402,7 @@ def load_trained(model_spec: str | Path, device: str = "cpu", dtype=None):
 
     dtype = dtype or torch.float32
     path = Path(model_spec)
-    if path.is_dir() and (path / "config.json").is_file() and not (path / "model.safetensors").exists():
+    if _is_run_dir(path):
         info = load_run(path)
         model, tokenizer = load_base(info.base_dir, device, dtype)
         model = PeftModel.from_pretrained(model, str(info.adapter_dir)).to(device)

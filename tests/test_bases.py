@@ -19,7 +19,8 @@ from tests.conftest import shared, simple_structures
 N_STRINGS = 240
 
 
-def crystal_strings() -> list[str]:
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
     """>= 200 crystal texts: real MP-20 rows when ../shared/data is present, translated pymatgen cells otherwise,
     plus the prompts and a few hand-made strings with runs of spaces before digits (the case that broke)."""
     from crystal_cli.datasets import read_structures
@@ -51,9 +52,8 @@ def tokenizers():
     return hf, llama
 
 
-def test_transformers_and_llama_cpp_tokenize_crystals_identically(tokenizers):
+def test_transformers_and_llama_cpp_tokenize_crystals_identically(tokenizers, texts):
     hf, llama = tokenizers
-    texts = crystal_strings()
     assert len(texts) >= 200
     mismatched = [t for t in texts if hf(t, add_special_tokens=False)["input_ids"] != llama.tokenize(t.encode(), add_bos=False, special=False)]
     assert not mismatched, f"{len(mismatched)} of {len(texts)} differ, first: {mismatched[0]!r}"
@@ -63,14 +63,13 @@ def test_transformers_and_llama_cpp_tokenize_crystals_identically(tokenizers):
     assert hf.pad_token_id == hf.eos_token_id == llama.token_eos()
 
 
-def test_the_digit_fix_is_what_makes_them_agree(tokenizers):
+def test_the_digit_fix_is_what_makes_them_agree(tokenizers, texts):
     """Without the smollm pre-tokenizer (transformers' plain ByteLevel rebuild) crystal text tokenizes differently."""
     from tokenizers import pre_tokenizers
 
     hf, llama = tokenizers
     plain = hf.backend_tokenizer.__class__.from_str(hf.backend_tokenizer.to_str())
     plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    texts = crystal_strings()
     differ = sum(plain.encode(t, add_special_tokens=False).ids != llama.tokenize(t.encode(), add_bos=False, special=False)
                  for t in texts)
     assert differ > 0
@@ -90,7 +89,7 @@ def test_smollm2_base_is_plain_trainable_and_matches_llama_cpp():
     assert getattr(model, "hf_quantizer", None) is None
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     # next-token predictions of the dequantized model agree with llama.cpp running the Q4_1 GGUF
-    text = codec.unconditional_prompt() + codec.encode_structure(simple_structures()["LiFePO4-like"])
+    text = codec.unconditional_prompt() + codec.encode_structure(simple_structures()["CsCl"])
     llama = Llama(model_path=str(bases.smollm2_gguf()), n_ctx=512, logits_all=True, verbose=False, use_extra_bufts=False)
     ids = llama.tokenize(text.encode())
     llama.eval(ids)

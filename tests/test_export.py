@@ -50,7 +50,7 @@ def _transformers_greedy(run, prompt: str) -> list[int]:
 def _llama_greedy(gguf, prompt: str, adapter=None, parallel: int = 2) -> list[list[int]]:
     from crystal_cli.sampling.llama_backend import BatchedSampler, Job, LlamaModel, SamplingSettings
 
-    with LlamaModel(gguf, adapter) as model:
+    with LlamaModel(gguf, adapter, threads=1) as model:  # the shared test host is oversubscribed
         settings = SamplingSettings(temperature=0.0, max_new_tokens=GREEDY_TOKENS, parallel=parallel)
         sampler = BatchedSampler(model, settings, None)
         finished = sorted(sampler.run(prompt, [Job(i, i) for i in range(parallel)]), key=lambda f: f.index)

@@ -18,7 +18,7 @@ def tiny_gguf():
 
 
 def _options(model, output, **overrides) -> GenerateOptions:
-    settings = {"n": 20, "max_atoms": 8, "parallel": 8, "temperature": 1.0, "top_p": 1.0, "seed": 1}
+    settings = {"n": 20, "max_atoms": 8, "parallel": 8, "temperature": 1.0, "top_p": 1.0, "seed": 1, "threads": 1}
     settings.update(overrides)
     return GenerateOptions(model=str(model), output=output, **settings)
 
@@ -78,7 +78,7 @@ def test_resume_tops_up_without_duplicates_and_survives_interruption(tiny_gguf, 
 
 
 def test_transformers_backend_is_grammar_constrained_too(tmp_path):
-    summary = generate(_options("tiny", tmp_path / "hf.extxyz", n=4, parallel=4, backend="transformers"))
+    summary = generate(_options("tiny", tmp_path / "hf.extxyz", n=4, parallel=4, max_atoms=4, backend="transformers"))
     assert summary.ok == 4
     from ase.io import read
 

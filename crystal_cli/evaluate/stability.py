@@ -19,7 +19,7 @@ from pymatgen.core import Structure
 from crystal_cli.evaluate.hull import ElementNotInHull, Hull
 from crystal_cli.evaluate.parallel import imap_ordered
 from crystal_cli.evaluate.potential import Potential, Relaxation, RelaxSettings, load_potential
-from crystal_cli.structure_io import append_jsonl, read_jsonl
+from crystal_cli.structure_io import append_jsonl, atomic_path, read_jsonl
 
 METASTABLE_THRESHOLD = 0.1  # eV/atom
 STABLE_THRESHOLD = 0.0
@@ -119,7 +119,11 @@ def evaluate_stability(
     done: dict[int, StabilityRecord] = {}
     if log_path is not None:
         wanted = {index: entry_id for index, entry_id, _ in jobs}
-        for row in read_jsonl(log_path):
+        rows = read_jsonl(log_path)
+        with atomic_path(log_path) as tmp, open(tmp, "w") as clean:  # drops a line torn by a kill
+            for row in rows:
+                append_jsonl(clean, row)
+        for row in rows:
             if wanted.get(row.get("index")) == row.get("id"):
                 done[row["index"]] = StabilityRecord.from_log(row)
         if progress is not None and done:

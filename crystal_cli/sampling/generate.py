@@ -191,7 +191,8 @@ class _TransformersBackend:
         if gbnf is not None:
             grammar, self.vocab_model = load_vocab_grammar(source_gguf(base_dir) or smollm2_gguf(), gbnf)
         self.grammar = grammar
-        self.sampler = HFSampler(self.model, self.tokenizer, settings, grammar)
+        end_tokens = self.vocab_model.end_tokens if self.vocab_model is not None else ()
+        self.sampler = HFSampler(self.model, self.tokenizer, settings, grammar, end_tokens)
         self.settings = settings
 
     def run(self, prompt: str, jobs: list[Job]):

@@ -17,7 +17,8 @@ from crystal_cli.sampling.llama_backend import Finished, Job, SamplingSettings
 
 
 def load_vocab_grammar(tokenizer_gguf: Path, gbnf: str):
-    """(GrammarEngine, vocabulary-only LlamaModel) for masking transformers logits with the crystal grammar."""
+    """(GrammarEngine, vocabulary-only LlamaModel) for masking transformers logits with the crystal grammar;
+    the model's end_tokens are what HFSampler must stop on."""
     from crystal_cli.sampling.llama_backend import LlamaModel
 
     vocab_model = LlamaModel(tokenizer_gguf, vocab_only=True)
@@ -69,17 +70,19 @@ class _GrammarProcessor:
 class HFSampler:
     """Draws samples of one prompt with transformers, `parallel` at a time."""
 
-    def __init__(self, model, tokenizer, settings: SamplingSettings, grammar=None):
+    def __init__(self, model, tokenizer, settings: SamplingSettings, grammar=None, end_tokens: Sequence[int] = ()):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
         self.grammar = grammar  # a GrammarEngine on the same vocabulary, or None
+        # every end-of-generation token llama.cpp knows (<|endoftext|> as well as eos), as the grammar allows them
+        self.end_tokens = sorted(set(end_tokens) | {tokenizer.eos_token_id})
 
     def run(self, prompt: str, jobs: Sequence[Job]) -> Iterator[Finished]:
         import torch
 
         settings = self.settings
-        end_tokens = {self.tokenizer.eos_token_id}
+        end_tokens = set(self.end_tokens)
         self.tokenizer.padding_side = "left"
         for start in range(0, len(jobs), settings.parallel):
             chunk = jobs[start : start + settings.parallel]
@@ -90,7 +93,7 @@ class HFSampler:
                 processors.append(_GrammarProcessor(self.grammar, len(chunk), width, end_tokens))
             sampling = settings.temperature > 0
             options = {"do_sample": sampling, "max_new_tokens": settings.max_new_tokens,
-                       "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
+                       "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.end_tokens}
             if sampling:
                 options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
             started = time.perf_counter()
