@@ -42,6 +42,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/roundtrip.py
+	$(BIN)/python bench/sampling.py
 
 corpus: install
 	$(BIN)/crystal encode --recipe training/data/mp20-open.toml

@@ -8,6 +8,7 @@ same LoRA model and the same batch of real crystal records, runs warm-up steps, 
 
 Prints tokens/s (non-padding input tokens), seconds per step and peak memory, and the crystal/plain ratio.
 Usage: .venv/bin/python bench/train_throughput.py [--bases tiny smollm2-135m] [--steps 5] [--batch 4] [--length 256]
+       [--threads N]   (on a busy shared host, --threads 1 avoids oversubscription stalls)
 """
 
 from __future__ import annotations
@@ -51,8 +52,12 @@ def crystal_texts(count: int) -> list[dict]:
     return [{"prompt": prompt, "completion": codec.encode_structure(s)} for s in structures]
 
 
-def measure(base: str, loop: str, steps: int, batch: int, length: int, precision: str) -> dict:
+def measure(base: str, loop: str, steps: int, batch: int, length: int, precision: str, threads: int,
+            warmup: int) -> dict:
     import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
     from peft import LoraConfig, get_peft_model
 
     from crystal_cli.bases import resolve_base
@@ -80,14 +85,14 @@ def measure(base: str, loop: str, steps: int, batch: int, length: int, precision
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
-    for _ in range(2):
+    for _ in range(warmup):
         step()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - start
     tokens = int(data["attention_mask"].sum()) * steps
-    return {"base": base, "loop": loop, "precision": precision, "tokens_per_s": tokens / elapsed,
+    return {"base": base, "loop": loop, "precision": precision, "threads": torch.get_num_threads(), "tokens_per_s": tokens / elapsed,
             "s_per_step": elapsed / steps, "batch": list(data["input_ids"].shape),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -99,22 +104,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256, help="longest example kept (tokens)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--one", nargs=2, metavar=("BASE", "LOOP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(*args.one, args.steps, args.batch, args.length, args.precision)))
+        print(json.dumps(measure(*args.one, args.steps, args.batch, args.length, args.precision, args.threads, args.warmup)))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"LoRA r=8 training step on CPU ({os.cpu_count()} cores, {args.precision}), same batch")
+    threads = args.threads or "default"
+    table = Table(title=f"LoRA r=8 training step on CPU ({os.cpu_count()} cores, {threads} threads, {args.precision}), same batch")
     for column in ("base", "loop", "batch", "tokens/s", "s/step", "peak RSS MB", "crystal/plain"):
         table.add_column(column, justify="left" if column in ("base", "loop") else "right")
     for base in args.bases:
         results = {}
         for loop in ("plain", "crystal"):
             command = [sys.executable, __file__, "--one", base, loop, "--steps", str(args.steps), "--batch",
-                       str(args.batch), "--length", str(args.length), "--precision", args.precision]
+                       str(args.batch), "--length", str(args.length), "--precision", args.precision,
+                       "--threads", str(args.threads), "--warmup", str(args.warmup)]
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[loop] = json.loads(out.strip().splitlines()[-1])
         ratio = results["crystal"]["tokens_per_s"] / results["plain"]["tokens_per_s"]

@@ -181,7 +181,9 @@ def _copy_tokenizer(writer, tokenizer_gguf: Path) -> None:
 def _load_merged(source: _Source):
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # library code never prints
     model = AutoModelForCausalLM.from_pretrained(str(source.base_dir), dtype=torch.float32)
     if source.adapter_dir is not None:
         from peft import PeftModel
@@ -241,7 +243,9 @@ def _finish(writer) -> None:
 
 
 def _quantize(source: Path, target: Path, quant: str) -> None:
-    import llama_cpp
+    from crystal_cli.sampling.llama_backend import quiet_llama_cpp
+
+    llama_cpp = quiet_llama_cpp()
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant]

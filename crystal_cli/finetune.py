@@ -557,9 +557,9 @@ class _Trainer:
         self.train_examples, too_long = make_examples(self.tokenizer, train_records, data.max_length)
         if not self.train_examples:
             raise CrystalError(f"{records_dir}: every train example is longer than data.max_length={data.max_length}")
-        val_rng = np.random.default_rng([train.seed, 7])
-        val_pick = [val_records[i] for i in sorted(val_rng.permutation(len(val_records))[: data.val_records])]
-        self.val_examples, val_too_long = make_examples(self.tokenizer, val_pick, data.max_length)
+        val_fitting, val_too_long = make_examples(self.tokenizer, val_records, data.max_length)
+        val_pick = np.random.default_rng([train.seed, 7]).permutation(len(val_fitting))[: data.val_records]
+        self.val_examples = [val_fitting[i] for i in sorted(val_pick)]
         self.lengths = [e.length for e in self.train_examples]
         self.batches_per_epoch = len(epoch_batches(self.lengths, train.batch_size, train.seed, 0))
         micro_per_step = train.grad_accum * world

@@ -85,9 +85,8 @@ def test_adapter_loads_with_peft_and_has_no_embeddings(full_run, records):
     model, tokenizer = load_trained(run)
     assert type(model).__name__ == "PeftModelForCausalLM"
     # the reloaded adapter reproduces the trainer's final val loss on the same val examples
-    val = read_records(records / "val.jsonl")
-    picked = [val[i] for i in sorted(np.random.default_rng([0, 7]).permutation(len(val))[:12])]
-    examples, _ = make_examples(tokenizer, picked, 160)
+    fitting, _ = make_examples(tokenizer, read_records(records / "val.jsonl"), 160)
+    examples = [fitting[i] for i in sorted(np.random.default_rng([0, 7]).permutation(len(fitting))[:12])]
     with torch.no_grad():
         nll, _ = completion_nll(model, collate(examples, tokenizer.pad_token_id))
     assert float(nll.mean()) == pytest.approx(result.val_loss, abs=1e-4)

@@ -180,7 +180,9 @@ class _TransformersBackend:
         from crystal_cli.export import is_run_dir
         from crystal_cli.finetune import load_run, load_trained
         from crystal_cli.sampling.hf_backend import HFSampler, load_vocab_grammar
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # the CLI draws its own progress
         source = resolve_model(options.model)
         if options.adapter is not None:
             raise CrystalError("--adapter (a GGUF LoRA) needs --backend llama")

@@ -21,7 +21,8 @@ from crystal_cli.errors import CrystalError
 from crystal_cli.grammar import CandidateArray, GrammarEngine, crystal_shortlist
 
 
-def _llama():
+def quiet_llama_cpp():
+    """The llama_cpp module with llama.cpp's own logging limited to errors (library code never prints)."""
     import llama_cpp
     from llama_cpp._logger import set_verbose
 
@@ -67,7 +68,7 @@ class LlamaModel:
 
     def __init__(self, path: str | Path, adapter: str | Path | None = None, threads: int | None = None,
                  vocab_only: bool = False):
-        llama = _llama()
+        llama = quiet_llama_cpp()
         self._llama = llama
         self.path = Path(path)
         self.threads = threads or os.cpu_count() or 1
@@ -240,7 +241,7 @@ class BatchedSampler:
         prompt_tokens = model.tokenize(prompt)
         n_prompt = len(prompt_tokens)
         n_slots = max(1, min(settings.parallel, len(jobs)))
-        per_seq = n_prompt + settings.max_new_tokens + 1
+        per_seq = -(-(n_prompt + settings.max_new_tokens + 1) // 256) * 256  # llama.cpp pads contexts to 256
         ctx = model.context(per_seq * n_slots, n_slots, max(n_prompt, n_slots), unified=False)
         batch = _Batch(llama, max(n_prompt, n_slots))
         candidates = CandidateArray(model.n_vocab)
