@@ -130,7 +130,7 @@ def main() -> None:
         for loop, r in results.items():
             table.add_row(base, loop, "×".join(map(str, r["batch"])), f"{r['tokens_per_s']:,.0f}",
                           f"{r['s_per_step']:.3f}", f"{r['peak_rss_mb']:,.0f}", f"{ratio:.2f}" if loop == "crystal" else "")
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":
