@@ -40,6 +40,11 @@ def matmul_gflops(seconds: float = 3.0) -> float:
     return 2 * 1024**3 * count / (time.perf_counter() - start) / 1e9
 
 
+def show(name: str, r: dict) -> None:
+    print(f"{name:22s} {r['structures_per_s']:6.2f} structures/s  {r['tokens_per_s']:7.1f} tokens/s  "
+          f"parse {r['parse_rate']:6.1%}  {r['seconds']:6.1f} s", flush=True)
+
+
 def run_backend(sampler, prompt: str, jobs) -> dict:
     from crystal_cli import codec
 
@@ -90,6 +95,7 @@ def main() -> None:
         for name, grammar in (("llama_grammar", gbnf), ("llama_free", None)):
             sampler = BatchedSampler(model, settings, grammar)
             report[name] = run_backend(sampler, prompt, jobs)
+            show(name, report[name])
             sampler.close()
     report["params"] = params
 
@@ -103,6 +109,7 @@ def main() -> None:
         hf_model, tokenizer = load_trained(args.model)
         engine, vocab_model = load_vocab_grammar(source_gguf(base_dir) or smollm2_gguf(), gbnf)
         report["transformers_grammar"] = run_backend(HFSampler(hf_model, tokenizer, settings, engine, vocab_model.end_tokens), prompt, jobs)
+        show("transformers_grammar", report["transformers_grammar"])
         engine.close()
         vocab_model.close()
         report["ratio_llama_vs_transformers"] = (
@@ -115,14 +122,12 @@ def main() -> None:
         if name in report:
             report[name]["matmul_fraction"] = report[name]["tokens_per_s"] * 2 * params / 1e9 / report["matmul_gflops"]
 
-    print(f"model {args.model} ({params / 1e6:.0f}M params, llama.cpp {args.quant}), N={args.n}, "
+    print(f"\nmodel {args.model} ({params / 1e6:.0f}M params, llama.cpp {args.quant}), N={args.n}, "
           f"parallel={args.parallel}, max atoms {args.max_atoms}, {args.threads} threads")
     print(f"machine float32 matmul: {report['matmul_gflops']:.1f} GFLOP/s")
     for name in ("llama_grammar", "llama_free", "transformers_grammar"):
         if name in report:
-            r = report[name]
-            print(f"{name:22s} {r['structures_per_s']:6.2f} structures/s  {r['tokens_per_s']:7.1f} tokens/s  "
-                  f"parse {r['parse_rate']:6.1%}  {r['seconds']:6.1f} s  {r['matmul_fraction']:.1%} of matmul peak")
+            print(f"{name:22s} {report[name]['matmul_fraction']:.1%} of the matmul peak (2 x params FLOP/token)")
     if "ratio_llama_vs_transformers" in report:
         print(f"llama.cpp / transformers (both with grammar): {report['ratio_llama_vs_transformers']:.2f}x")
     print(f"grammar overhead per token (llama.cpp): {report['grammar_overhead_per_token']:+.1%}")

@@ -316,7 +316,7 @@ def generate(
     """Sample crystals from a fine-tuned model, conditioned on formula / space group / stability."""
     from rich.progress import TextColumn
 
-    from crystal_cli.sampling import GenerateOptions, generate as run_generate
+    from crystal_cli.sampling import GenerateOptions, check_options, generate as run_generate
 
     options = GenerateOptions(
         model=model, output=output, n=n, formula=formula, spacegroup=spacegroup, e_hull=e_hull,
@@ -324,6 +324,7 @@ def generate(
         resume=resume, backend=backend, grammar=grammar, adapter=adapter, quant=quant, threads=threads,
         infill=infill_file, mask=mask,
     )
+    check_options(options)
     with progress_bar(TextColumn("{task.fields[speed]}")) as bar:
         task = bar.add_task("generate", total=None, speed="loading model")
 

@@ -84,6 +84,13 @@ def output_paths(output: Path, fmt: str | None) -> tuple[Path, str]:
     return (output if fmt == "jsonl" else output.with_suffix(".jsonl")), fmt
 
 
+def check_options(options: GenerateOptions) -> None:
+    """Every option check that needs no model (cheap; the CLI runs it before drawing its progress bar)."""
+    _check_common(options)
+    if options.infill is None and options.mask is None:
+        prompt_and_grammar(options)
+
+
 def _check_common(options: GenerateOptions) -> None:
     if options.n <= 0:
         raise CrystalError(f"-n must be > 0, got {options.n}")
