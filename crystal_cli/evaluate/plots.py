@@ -60,7 +60,7 @@ def write_plots(evaluation: Evaluation, directory: str | Path) -> list[Path]:
             if reference.get(name):
                 axis.hist(reference[name], bins=bins, density=True, alpha=0.6,
                           label=f"reference (n = {len(reference[name])})")
-            axis.set(xlabel="density (g/cm³)" if name == "density" else "number of elements", ylabel="fraction")
+            axis.set(xlabel="density (g/cm³)" if name == "density" else "number of elements", ylabel="probability density")
             axis.legend()
             written.append(_save(figure, directory / f"{name}.png"))
 
