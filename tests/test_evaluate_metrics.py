@@ -81,6 +81,15 @@ def test_a_reference_structure_is_not_novel(tmp_path):
     assert matching.novelty(samples, reference) == [False, True, True]
 
 
+def test_a_split_directory_reference_is_its_train_split(tmp_path):
+    structures = simple_structures()
+    write_structures(tmp_path / "train.cif", [("nacl", structures["NaCl"])])
+    write_structures(tmp_path / "test.cif", [("si", structures["Si"])])
+    reference = matching.load_reference(tmp_path)
+    assert reference.materials == 1
+    assert matching.novelty([structures["NaCl"], structures["Si"]], reference) == [False, True]
+
+
 def test_novelty_against_real_mp20_rows_prefilters_by_formula(mp20_csv):
     import pandas as pd
 

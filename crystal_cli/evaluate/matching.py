@@ -53,6 +53,7 @@ class Reference:
 
 def load_reference(path: str | Path, formulas: set[str] | None = None) -> Reference:
     """Reference structures under `path` (dataset dir, csv, CIF(s), encode records), deduplicated by id.
+    Of a train/val/test directory only the train split is used.
 
     With `formulas`, only structures of those reduced formulas are kept; csv rows are filtered on the CIF's
     `_chemical_formula_sum` before parsing, and `crystal encode` records are parsed once per material id
@@ -61,7 +62,11 @@ def load_reference(path: str | Path, formulas: set[str] | None = None) -> Refere
     reference = Reference()
     done: set[str] = set()
     failed: set[str] = set()
-    for _, files in discover(path):
+    splits = discover(path)
+    # A split directory is training data plus held-out data: novelty is judged against what was trained on.
+    if any(split == "train" for split, _ in splits):
+        splits = [(split, files) for split, files in splits if split == "train"]
+    for _, files in splits:
         for file in files:
             name = file.name.lower()
             if name.endswith((".csv", ".csv.gz")) and formulas is not None:
