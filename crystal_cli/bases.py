@@ -16,7 +16,6 @@ processes never see (or build twice) a half-written base.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from crystal_cli.errors import CrystalError
+from crystal_cli.files import sha256_file
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -87,7 +87,7 @@ def resolve_base(spec: str | Path | None) -> Path:
     if path.is_file():
         if path.suffix != ".gguf":
             raise CrystalError(f"base {path}: a file base must be a .gguf model")
-        name = f"gguf-{path.stem}-{_sha256(path)[:16]}"
+        name = f"gguf-{path.stem}-{sha256_file(path)[:16]}"
         return _cached(name, lambda out: _convert_gguf(path, out))
     return validate_hf_dir(path)
 
@@ -120,14 +120,6 @@ def source_gguf(base_dir: str | Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------- the cache
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextmanager
@@ -225,7 +217,7 @@ def _convert_gguf(gguf_path: Path, out: Path, tokenizer_dir: Path | None = None)
     return {
         "kind": "gguf",
         "source": str(gguf_path),
-        "sha256": _sha256(gguf_path),
+        "sha256": sha256_file(gguf_path),
         "tokenizer_gguf": str(gguf_path),
         "pre_tokenizer": metadata.get("tokenizer.ggml.pre"),
         "fixes": ["dropped gguf quantizer", "digit-splitting pre-tokenizer" if metadata.get("tokenizer.ggml.pre") == "smollm" else "none"],

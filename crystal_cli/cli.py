@@ -608,9 +608,10 @@ def flow_train(
     resume: Annotated[bool, typer.Option(help="Continue RUN from its checkpoint with its saved config.")] = False,
 ) -> None:
     """Train the flow-matching refiner on (c0, c1) pairs."""
-    from crystal_cli.flow.train import RunConfig, load_recipe, train
+    from crystal_cli.files import read_toml
+    from crystal_cli.flow.train import RunConfig, train
 
-    data = load_recipe(recipe) if recipe is not None else {}
+    data = read_toml(recipe) if recipe is not None else {}
     overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
     data.setdefault("train", {}).update({k: v for k, v in overrides.items() if v is not None})
     if pairs is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -23,6 +22,7 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 from crystal_cli import codec
 from crystal_cli.datasets import Entry, count_entries, discover, read_entries, read_file
 from crystal_cli.errors import CrystalError
+from crystal_cli.files import read_toml
 
 TASKS = ("unconditional", "formula", "spacegroup", "stability", "conditional", "infill")
 SYMPREC = 0.1  # the tolerance the field uses for space groups of generated and reference crystals
@@ -267,12 +267,7 @@ def load_recipe(path: str | Path) -> tuple[list[tuple[Path, str | None]], Path, 
     """A data recipe (TOML): inputs with target splits, options, and output dir; relative paths resolve
     against the directory the command runs in (recipes are written for the repository root)."""
     path = Path(path)
-    try:
-        recipe = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise CrystalError(f"{path}: no such recipe") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CrystalError(f"{path}: invalid TOML ({exc})") from None
+    recipe = read_toml(path)
     unknown = set(recipe) - RECIPE_KEYS
     if unknown:
         raise CrystalError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(RECIPE_KEYS)}")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from crystal_cli import codec
 from crystal_cli.errors import CrystalError
+from crystal_cli.files import read_toml
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NON_CRYSTAL_TASKS = frozenset({"infill"})  # tasks whose completion is not a crystal (no translation)
@@ -128,12 +129,7 @@ def _apply(config: RunConfig, key: str, value: object, where: str) -> None:
 def load_recipe(path: str | Path) -> dict[str, object]:
     """A training recipe (TOML) flattened to dotted keys, every key and type checked."""
     path = Path(path)
-    try:
-        recipe = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise CrystalError(f"{path}: no such recipe") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CrystalError(f"{path}: invalid TOML ({exc})") from None
+    recipe = read_toml(path)
     flat: dict[str, object] = {}
     for key, value in recipe.items():
         if key in SECTIONS and isinstance(value, dict):

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -91,17 +90,6 @@ def _known(kind: type, values: dict, where: str) -> dict:
     if unknown:
         raise CrystalError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     return values
-
-
-def load_recipe(path: str | Path) -> dict:
-    """A flow recipe TOML: `pairs = "..."`, [model] and [train] tables (see training/flow-*.toml)."""
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise CrystalError(f"{path}: no such recipe") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CrystalError(f"{path}: not valid TOML ({exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------- batches

@@ -1,0 +1,29 @@
+"""Small file helpers every stage shares: recipe TOML with one-line errors, content hashes for caches."""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+
+from crystal_cli.errors import CrystalError
+
+
+def read_toml(path: str | Path) -> dict:
+    """A recipe file as a dict; a missing file or bad TOML is a CrystalError naming the file."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise CrystalError(f"{path}: no such recipe") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CrystalError(f"{path}: invalid TOML ({exc})") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB blocks (GGUF files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
