@@ -19,7 +19,7 @@ export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo bench corpus clean
+.PHONY: install test demo bench calibrate corpus clean
 
 install: $(VENV)/.installed
 
@@ -40,9 +40,17 @@ demo: install
 	$(BIN)/crystal encode ../shared/data/mp_20 -o runs/demo/records --max-rows 200
 	$(BIN)/crystal --help
 
+# Speed/quality benchmarks: each prints its measurement next to the alternative's, from one run.
 bench: install
 	$(BIN)/python bench/roundtrip.py
+	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/evaluate.py
+	$(BIN)/python bench/refine.py
+
+# CHGNet E_hull vs DFT on >= 200 MP-20 test rows (resumable; ~10 min on an idle 2-core CPU).
+calibrate: install
+	$(BIN)/python bench/calibrate_hull.py --rows 220 --out runs/calibration
 
 corpus: install
 	$(BIN)/crystal encode --recipe training/data/mp20-open.toml

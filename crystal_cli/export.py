@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from crystal_cli.errors import CrystalError
+from crystal_cli.files import sha256_file
 
 QUANTS = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}  # name -> llama_ftype
 EXPORT_VERSION = 1  # bump when the written GGUF changes, so cached exports are rebuilt
@@ -115,16 +116,8 @@ def _content_key(source: _Source, quant: str) -> str:
         for path in sorted(directory.iterdir()):
             if path.suffix in (".json", ".safetensors") and path.is_file():
                 digest.update(path.name.encode())
-                digest.update(_file_digest(path))
+                digest.update(sha256_file(path).encode())
     return digest.hexdigest()[:24]
-
-
-def _file_digest(path: Path) -> bytes:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.digest()
 
 
 # ------------------------------------------------------------------------------------ tensors and names
