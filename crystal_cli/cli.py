@@ -600,7 +600,7 @@ def flow_pairs(
 def flow_train(
     output: Annotated[Path, typer.Option("-o", "--output", help="Run directory, e.g. runs/flow-NAME.")],
     pairs: Annotated[Optional[Path], typer.Option(help="Pairs directory or pairs.jsonl (overrides the recipe).")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="Recipe TOML with pairs, [model] and [train] (training/flow-*.toml).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe TOML: pairs, model and train tables (training/flow-*.toml).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides the recipe).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Pairs per step (overrides the recipe).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (overrides the recipe).")] = None,
