@@ -189,7 +189,8 @@ def encode(
         for split, path in plan:
             rows = 0
             if progress:
-                progress(split, count_entries([path]))
+                total = count_entries([path])
+                progress(split, total if total is None or options.max_rows is None else min(total, options.max_rows))
             for entry in read_file(path):
                 if options.max_rows is not None and rows >= options.max_rows:
                     break
