@@ -8,6 +8,8 @@ structure that returns NaN, blows up or runs past its time limit ends with a rea
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import time
 import warnings
@@ -129,10 +131,12 @@ def load_potential(spec: str | Path) -> Potential:
         from chgnet.model import CHGNet
         from chgnet.model.dynamics import CHGNetCalculator
 
-        with warnings.catch_warnings():
+        # CHGNet prints its banner unconditionally; library code here returns data and never prints.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             model = CHGNet.load(verbose=False)
-        return Potential(CHGNET, CHGNetCalculator(model=model, use_device="cpu"), CHGNET_ELEMENTS)
+            calculator = CHGNetCalculator(model=model, use_device="cpu")
+        return Potential(CHGNET, calculator, CHGNET_ELEMENTS)
     path = Path(spec)
     import matgl
     from matgl.ext.ase import PESCalculator
