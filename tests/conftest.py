@@ -22,6 +22,18 @@ def shared(*parts: str) -> Path | None:
     return path if path.exists() else None
 
 
+def require_shared(*parts: str) -> Path:
+    """A path under ../shared/data for tests about the real data: skipped on a user's checkout without it,
+    but a failure under CI, where the data is always beside the clone and a skip would hide a broken setup."""
+    path = shared(*parts)
+    if path is None:
+        message = f"{SHARED_DATA.joinpath(*parts)} is missing"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI must run with ../shared beside the clone)")
+        pytest.skip(message)
+    return path
+
+
 def simple_structures():
     """A handful of real, ordered crystals built with pymatgen (no files needed)."""
     from pymatgen.core import Lattice, Structure

@@ -14,13 +14,11 @@ from crystal_cli import codec
 from crystal_cli.datasets import discover, read_structures
 from crystal_cli.errors import CrystalError
 from crystal_cli.structure_io import write_structures
-from tests.conftest import shared, write_cdvae_csv
+from tests.conftest import require_shared, write_cdvae_csv
 
 
 def test_real_mp20_csv_reads_every_row():
-    path = shared("mp_20", "train.csv.gz")
-    if path is None:
-        pytest.skip("../shared/data is not beside this checkout")
+    path = require_shared("mp_20", "train.csv.gz")
     entries = list(read_structures(path))
     assert len(entries) == 1000
     assert all(e.structure is not None for e in entries)
@@ -130,9 +128,7 @@ def test_whole_file_problems_raise_one_line(tmp_path, kind):
 
 
 def test_shared_split_directory_layout():
-    root = shared("mp_20")
-    if root is None:
-        pytest.skip("../shared/data is not beside this checkout")
+    root = require_shared("mp_20")
     assert [(s, [f.name for f in files]) for s, files in discover(root)] == [
         ("train", ["train.csv.gz"]), ("val", ["val.csv.gz"]), ("test", ["test.csv.gz"])
     ]
