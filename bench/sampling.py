@@ -1,7 +1,8 @@
 """Sampling speed, side by side: llama.cpp batched vs transformers batched, same weights, prompt and N.
 
 Prints structures/s and tokens/s of each backend, their ratio, parse rates, the grammar's per-token overhead
-(llama.cpp with vs without the grammar), and decoding throughput as a fraction of this machine's measured
+(llama.cpp with vs without the grammar), the gain from appending grammar-forced tokens unsampled (llama.cpp
+with the grammar, skipping on vs off), and decoding throughput as a fraction of this machine's measured
 float32 matmul throughput (torch, all threads).
 
     python bench/sampling.py                      # SmolLM2-135M base, N=64
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,7 +43,7 @@ def matmul_gflops(seconds: float = 3.0) -> float:
 
 
 def show(name: str, r: dict) -> None:
-    print(f"{name:22s} {r['structures_per_s']:6.2f} structures/s  {r['tokens_per_s']:7.1f} tokens/s  "
+    print(f"{name:24s} {r['structures_per_s']:6.2f} structures/s  {r['tokens_per_s']:7.1f} tokens/s  "
           f"parse {r['parse_rate']:6.1%}  {r['seconds']:6.1f} s", flush=True)
 
 
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--skip-ablations", action="store_true", help="only llama.cpp (grammar) and transformers")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
 
@@ -92,8 +95,11 @@ def main() -> None:
         import llama_cpp
 
         params = llama_cpp.llama_model_n_params(model.model)
-        for name, grammar in (("llama_grammar", gbnf), ("llama_free", None)):
-            sampler = BatchedSampler(model, settings, grammar)
+        runs = [("llama_grammar", gbnf, settings)]
+        if not args.skip_ablations:
+            runs += [("llama_grammar_no_skip", gbnf, replace(settings, skip_forced=False)), ("llama_free", None, settings)]
+        for name, grammar, run_settings in runs:
+            sampler = BatchedSampler(model, run_settings, grammar)
             report[name] = run_backend(sampler, prompt, jobs)
             show(name, report[name])
             sampler.close()
@@ -116,21 +122,30 @@ def main() -> None:
             report["llama_grammar"]["structures_per_s"] / report["transformers_grammar"]["structures_per_s"]
         )
 
-    free, constrained = report["llama_free"], report["llama_grammar"]
-    report["grammar_overhead_per_token"] = (constrained["seconds"] / constrained["tokens"]) / (free["seconds"] / free["tokens"]) - 1
-    for name in ("llama_grammar", "llama_free", "transformers_grammar"):
+    def per_token(r: dict) -> float:
+        return r["seconds"] / r["tokens"]
+
+    names = ("llama_grammar", "llama_grammar_no_skip", "llama_free", "transformers_grammar")
+    if "llama_free" in report:
+        report["grammar_overhead_per_token"] = per_token(report["llama_grammar"]) / per_token(report["llama_free"]) - 1
+        report["grammar_overhead_per_token_no_skip"] = per_token(report["llama_grammar_no_skip"]) / per_token(report["llama_free"]) - 1
+        report["forced_skip_speedup"] = per_token(report["llama_grammar_no_skip"]) / per_token(report["llama_grammar"])
+    for name in names:
         if name in report:
             report[name]["matmul_fraction"] = report[name]["tokens_per_s"] * 2 * params / 1e9 / report["matmul_gflops"]
 
     print(f"\nmodel {args.model} ({params / 1e6:.0f}M params, llama.cpp {args.quant}), N={args.n}, "
           f"parallel={args.parallel}, max atoms {args.max_atoms}, {args.threads} threads")
     print(f"machine float32 matmul: {report['matmul_gflops']:.1f} GFLOP/s")
-    for name in ("llama_grammar", "llama_free", "transformers_grammar"):
+    for name in names:
         if name in report:
-            print(f"{name:22s} {report[name]['matmul_fraction']:.1%} of the matmul peak (2 x params FLOP/token)")
+            print(f"{name:24s} {report[name]['matmul_fraction']:.1%} of the matmul peak (2 x params FLOP/token)")
     if "ratio_llama_vs_transformers" in report:
         print(f"llama.cpp / transformers (both with grammar): {report['ratio_llama_vs_transformers']:.2f}x")
-    print(f"grammar overhead per token (llama.cpp): {report['grammar_overhead_per_token']:+.1%}")
+    if "forced_skip_speedup" in report:
+        print(f"grammar overhead per token (llama.cpp): {report['grammar_overhead_per_token']:+.1%} with forced tokens "
+              f"skipped, {report['grammar_overhead_per_token_no_skip']:+.1%} with every token sampled")
+        print(f"skipping forced tokens: {report['forced_skip_speedup']:.2f}x tokens/s")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

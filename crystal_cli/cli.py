@@ -158,7 +158,7 @@ def finetune(
     output: Annotated[Path, typer.Option("-o", "--output", help="Run directory (config, metrics, checkpoints, adapter).")] = ...,
     recipe: Annotated[Optional[Path], typer.Option(help="Training recipe TOML (training/NAME.toml).")] = None,
     base: Annotated[Optional[str], typer.Option(help="smollm2-135m (default), tiny, a .gguf file or an HF dir.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (train.max_steps).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (train.max_steps; sets train.epochs = 0).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Epochs instead of steps (train.epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Examples per micro-batch (train.batch_size).")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (train.grad_accum).")] = None,
@@ -185,6 +185,8 @@ def finetune(
         "train.eval_every": eval_every, "train.checkpoint_every": save_every, "train.device": device,
         "train.precision": precision,
     }
+    if steps is not None and epochs is None:
+        flags["train.epochs"] = 0.0  # --steps means steps even when the recipe counts epochs
     overrides = dict(parse_override(item) for item in set_ or []) | {k: v for k, v in flags.items() if v is not None}
     config = resolve_config(output, recipe, overrides, resume=resume)
     columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[val]}"),
@@ -642,7 +644,9 @@ def refine(
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Refined structures: multi-block .cif, or .jsonl of structure dicts.")
     ],
-    model: Annotated[str, typer.Option(help="Flow run directory (runs/flow-NAME) or a shipped model name under models/.")],
+    model: Annotated[
+        str, typer.Option(help="Flow run directory (runs/flow-NAME) or a shipped model name under models/.")
+    ] = "flow-default",
     steps: Annotated[int, typer.Option(help="Euler steps from t=0 to t=1.")] = 250,
     batch_size: Annotated[int, typer.Option(help="Structures integrated together.")] = 64,
     log: Annotated[Optional[Path], typer.Option(help="Per-structure step log (default OUTPUT.steps.jsonl).")] = None,

@@ -150,7 +150,7 @@ def test_translation_keeps_the_crystal(full_run):
 
 
 def test_recipes_and_overrides(tmp_path):
-    for recipe in ("tiny-test.toml", "smollm2-135m-mp20.toml"):
+    for recipe in ("tiny-test.toml", "smollm2-135m-mp20.toml", "smollm2-135m-mp20-cpu.toml"):
         load_recipe(REPO / "training" / recipe)  # the shipped finetune recipes validate
     default = load_recipe(REPO / "training" / "smollm2-135m-mp20.toml")
     assert default["base"] == "smollm2-135m" and default["data.records"] == "runs/data/mp20-open"
@@ -166,6 +166,18 @@ def test_recipes_and_overrides(tmp_path):
     assert parse_override("base=tiny") == ("base", "tiny")
     config = resolve_config(tmp_path / "run", REPO / "training" / "tiny-test.toml", {"train.seed": 9, "lora.r": None})
     assert config.train.seed == 9 and config.lora.r == 8
+
+
+def test_cli_steps_override_a_recipe_that_counts_epochs(tmp_path, records):
+    """--steps N on a recipe with epochs = 2 trains N steps (it once silently trained 2 epochs instead)."""
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", "--recipe", str(REPO / "training" / "smollm2-135m-mp20.toml"), "--base",
+                                 "tiny", "--data", str(records), "-o", str(run), "--steps", "2", "--batch-size", "2",
+                                 "--set", "data.val_records=2", "--set", "train.warmup_steps=1"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["max_steps"] == 2 and config["train"]["epochs"] == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, records):

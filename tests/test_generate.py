@@ -120,3 +120,34 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_gguf, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert "Traceback" not in result.output and "error" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.gguf"]
+
+
+def test_skipping_forced_tokens_changes_nothing_but_the_work(tiny_gguf):
+    """Greedy samples are identical with and without appending grammar-forced tokens unsampled, and the
+    fast path really takes forced tokens out of the sampler (fewer sampler calls than tokens)."""
+    from crystal_cli import codec
+    from crystal_cli.grammar import crystal_gbnf, max_new_tokens
+    from crystal_cli.sampling.llama_backend import BatchedSampler, Job, LlamaModel, SamplingSettings
+
+    jobs = [Job(i, i + 1) for i in range(6)]
+    texts = {}
+    with LlamaModel(tiny_gguf, threads=1) as model:
+        for skip in (False, True):
+            settings = SamplingSettings(0.0, 1.0, max_new_tokens(6), parallel=3, threads=1, skip_forced=skip)
+            sampler = BatchedSampler(model, settings, crystal_gbnf(6))
+            calls = 0
+            sample = sampler._sample
+
+            def counted(*args):
+                nonlocal calls
+                calls += 1
+                return sample(*args)
+
+            sampler._sample = counted
+            finished = sorted(sampler.run(codec.unconditional_prompt(), jobs), key=lambda f: f.index)
+            sampler.close()
+            texts[skip] = [f.text for f in finished]
+            tokens = sum(f.tokens for f in finished)
+            assert (calls < 0.8 * tokens) if skip else (calls == tokens)
+    assert texts[True] == texts[False]
+    assert all(codec.parse_crystal(t).ok for t in texts[True])

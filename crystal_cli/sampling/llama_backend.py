@@ -4,6 +4,13 @@ The prompt is decoded once and its KV cells copied to every slot; each slot then
 own sampler chain (grammar -> temperature -> top-p -> seeded dist). Slots are refilled as soon as their
 sequence ends (continuous batching), so the batch stays full while there is work, and finished samples are
 yielded at once so the caller can append them to disk.
+
+Under a grammar, about half the tokens of crystal text are forced (the "0." of every coordinate, the spaces
+between them, the newline after an element symbol): when the grammar admits exactly one next token it is
+appended without sampling, and the run of forced tokens enters the next decode together with the token that
+preceded it, with logits requested only for the last one. The sampled distribution is unchanged (a forced
+token has probability 1 under the masked distribution); the vocabulary projection and the sampler chain are
+skipped for every forced token.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class SamplingSettings:
     max_new_tokens: int = 512
     parallel: int = 32  # sequences decoded at once
     threads: int | None = None  # None: every core
+    skip_forced: bool = True  # append grammar-forced tokens without sampling (llama.cpp backend)
 
 
 @dataclass(frozen=True)
@@ -199,6 +207,9 @@ class _Slot:
     chain: object
     started: float
     tokens: list[int] = field(default_factory=list)
+    decoded: int = 0  # tokens[:decoded] are in the KV cache
+
+MAX_FORCED_RUN = 8  # forced tokens appended after one sampled token before the next decode
 
 
 class BatchedSampler:
@@ -209,6 +220,7 @@ class BatchedSampler:
         self.settings = settings
         self.grammar = model.grammar(gbnf) if gbnf else None
         self.candidates_ids = self.grammar.shortlist if self.grammar else np.arange(model.n_vocab, dtype=np.int32)
+        self._zeros = np.zeros(len(self.candidates_ids), dtype=np.float32)
 
     def _chain(self, seed: int):
         llama = self.model._llama
@@ -233,6 +245,25 @@ class BatchedSampler:
         llama.llama_sampler_accept(chain, token)
         return token
 
+    def _extend(self, slot: _Slot, candidates: CandidateArray, row: np.ndarray, end_tokens: set[int]) -> None:
+        """Sample slot's next token from `row`, then append the tokens the grammar forces after it."""
+        slot.tokens.append(self._sample(slot.chain, candidates, row))
+        if self.grammar is None or not self.settings.skip_forced:
+            return
+        llama = self.model._llama
+        grammar = llama.llama_sampler_chain_get(slot.chain, 0)
+        limit = min(self.settings.max_new_tokens, len(slot.tokens) + MAX_FORCED_RUN)
+        while slot.tokens[-1] not in end_tokens and len(slot.tokens) < limit:
+            candidates.load(self.candidates_ids, self._zeros)
+            llama.llama_sampler_apply(grammar, candidates.pointer)
+            allowed = candidates.view()
+            allowed = allowed["id"][np.isfinite(allowed["logit"])]
+            if len(allowed) != 1:
+                return
+            token = int(allowed[0])
+            llama.llama_sampler_accept(slot.chain, token)
+            slot.tokens.append(token)
+
     def run(self, prompt: str, jobs: Sequence[Job]) -> Iterator[Finished]:
         """Yields each sample as it finishes (not in job order)."""
         llama, model, settings = self.model._llama, self.model, self.settings
@@ -242,8 +273,9 @@ class BatchedSampler:
         n_prompt = len(prompt_tokens)
         n_slots = max(1, min(settings.parallel, len(jobs)))
         per_seq = -(-(n_prompt + settings.max_new_tokens + 1) // 256) * 256  # llama.cpp pads contexts to 256
-        ctx = model.context(per_seq * n_slots, n_slots, max(n_prompt, n_slots), unified=False)
-        batch = _Batch(llama, max(n_prompt, n_slots))
+        width = n_slots * (MAX_FORCED_RUN + 1 if self.grammar is not None and settings.skip_forced else 1)
+        ctx = model.context(per_seq * n_slots, n_slots, max(n_prompt, width), unified=False)
+        batch = _Batch(llama, max(n_prompt, width))
         candidates = CandidateArray(model.n_vocab)
         end_tokens = set(model.end_tokens)
         pending = list(reversed(jobs))
@@ -258,7 +290,7 @@ class BatchedSampler:
             def start(s: int) -> None:
                 job = pending.pop()
                 slot = _Slot(job, self._chain(job.seed), time.perf_counter())
-                slot.tokens.append(self._sample(slot.chain, candidates, prompt_logits))
+                self._extend(slot, candidates, prompt_logits, end_tokens)
                 slots[s] = slot
 
             def finish(s: int, ended: bool) -> Finished:
@@ -281,15 +313,19 @@ class BatchedSampler:
                 if not slots:
                     break
                 active = sorted(slots)
-                batch.fill(
-                    [slots[s].tokens[-1] for s in active],
-                    [n_prompt + len(slots[s].tokens) - 1 for s in active],
-                    active,
-                    [True] * len(active),
-                )
+                tokens, positions, seqs, wants = [], [], [], []
+                for s in active:
+                    slot = slots[s]
+                    new = slot.tokens[slot.decoded :]
+                    tokens += new
+                    positions += range(n_prompt + slot.decoded, n_prompt + len(slot.tokens))
+                    seqs += [s] * len(new)
+                    wants += [False] * (len(new) - 1) + [True]
+                    slot.decoded = len(slot.tokens)
+                batch.fill(tokens, positions, seqs, wants)
                 logits = _decode(llama, ctx, batch, model.n_vocab, len(active))
                 for row, s in enumerate(active):
-                    slots[s].tokens.append(self._sample(slots[s].chain, candidates, logits[row]))
+                    self._extend(slots[s], candidates, logits[row], end_tokens)
         finally:
             for slot in slots.values():
                 llama.llama_sampler_free(slot.chain)

@@ -1,0 +1,139 @@
+"""Conditional generation quality: does the model honour --formula and --spacegroup?
+
+For F seeded formulas of the mp_20 test split (≤ --max-atoms sites), draws K samples with `--formula` (the
+grammar pins the composition, so the exact-composition rate must be 100 %) and K samples with `--spacegroup`
+set to the test row's space group, and reports the fraction whose space group found by pymatgen's
+SpacegroupAnalyzer (symprec 0.1) matches — the number Crystal-LLM users asked for (their issue #17) — next to
+the rate expected if space groups were drawn from the mp20-open train distribution (the no-skill baseline).
+
+    python bench/conditional.py                     # shipped default model, 20 formulas x 5 samples
+    python bench/conditional.py --model runs/NAME --formulas 50 -k 10
+
+Samples are appended under --out as they finish; an interrupted run resumes. Writes OUT/conditional.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from crystal_cli.runtime import configure_process  # noqa: E402
+
+configure_process()
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def pick_targets(test_csv: Path, count: int, max_atoms: int, seed: int) -> list[dict]:
+    """`count` rows of distinct reduced formulas, seeded, with ≤ max_atoms sites."""
+    import numpy as np
+
+    from crystal_cli.datasets import read_structures
+
+    rows, seen = [], set()
+    for entry in read_structures(test_csv):
+        s = entry.structure
+        if s is None or len(s) > max_atoms or s.composition.reduced_formula in seen:
+            continue
+        seen.add(s.composition.reduced_formula)
+        rows.append((entry.id, s))
+    order = np.random.default_rng(seed).permutation(len(rows))[:count]
+    return [{"id": rows[i][0], "formula": rows[i][1].composition.reduced_formula, "n_atoms": len(rows[i][1]),
+             "spacegroup": spacegroup_of(rows[i][1])} for i in sorted(order)]
+
+
+def spacegroup_of(structure) -> int | None:
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        return SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_number()
+    except Exception:  # spglib gives up on some degenerate cells: counted as a miss
+        return None
+
+
+def train_spacegroup_share(records: Path, groups: list[int]) -> float:
+    """Mean probability that a crystal drawn from the train split has the target's group (no-skill rate)."""
+    from crystal_cli.structure_io import read_jsonl
+
+    counts = Counter(r["spacegroup"] for r in read_jsonl(records / "train.jsonl") if r["task"] == "unconditional")
+    total = sum(counts.values())
+    return sum(counts[g] / total for g in groups) / len(groups)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="-m for crystal generate (default: the shipped default model)")
+    parser.add_argument("--formulas", type=int, default=20)
+    parser.add_argument("-k", type=int, default=5, help="samples per formula and condition")
+    parser.add_argument("--max-atoms", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--test", type=Path, default=SHARED / "mp_20/test.csv.gz")
+    parser.add_argument("--records", type=Path, default=ROOT / "runs/data/mp20-open", help="for the baseline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/conditional")
+    args = parser.parse_args()
+
+    from crystal_cli import codec
+    from crystal_cli.sampling import GenerateOptions, generate
+    from crystal_cli.structure_io import read_jsonl
+
+    if not args.test.exists():
+        raise SystemExit(f"conditional: {args.test} is missing (../shared/data beside the checkout)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    targets = pick_targets(args.test, args.formulas, args.max_atoms, args.seed)
+    composition_hits = composition_n = group_hits = group_n = 0
+    per_target = []
+    for i, target in enumerate(targets):
+        result = dict(target)
+        for condition in ("formula", "spacegroup"):
+            output = args.out / f"{i:02d}-{condition}.cif"
+            options = GenerateOptions(
+                model=args.model, output=output, n=args.k, temperature=args.temperature, top_p=1.0,
+                seed=args.seed + i, max_atoms=args.max_atoms, resume=output.exists(), parallel=args.k,
+                formula=target["formula"] if condition == "formula" else None,
+                spacegroup=target["spacegroup"] if condition == "spacegroup" else None,
+            )
+            generate(options)
+            structures = [codec.parse_crystal(r["text"]).structure for r in read_jsonl(output.with_suffix(".jsonl"))]
+            if condition == "formula":
+                hits = sum(s is not None and s.composition.reduced_formula == target["formula"] for s in structures)
+                composition_hits, composition_n = composition_hits + hits, composition_n + len(structures)
+                result["exact_composition"] = f"{hits}/{len(structures)}"
+            else:
+                found = [spacegroup_of(s) if s is not None else None for s in structures]
+                hits = sum(g == target["spacegroup"] for g in found)
+                group_hits, group_n = group_hits + hits, group_n + len(structures)
+                result["spacegroup_match"] = f"{hits}/{len(structures)}"
+                result["spacegroups_found"] = found
+        per_target.append(result)
+        print(f"{target['formula']:>14s} (sg {target['spacegroup']:3d}): composition {result['exact_composition']}, "
+              f"space group {result['spacegroup_match']}", flush=True)
+
+    from crystal_cli.evaluate.stats import wilson
+
+    composition, groups = wilson(composition_hits, composition_n), wilson(group_hits, group_n)
+    baseline = train_spacegroup_share(args.records, [t["spacegroup"] for t in targets]) if args.records.exists() else None
+    summary = {
+        "model": args.model or "default (models/default)", "formulas": len(targets), "k": args.k,
+        "temperature": args.temperature, "symprec": 0.1,
+        "exact_composition": composition.as_dict(),
+        "spacegroup_match": groups.as_dict(),
+        "spacegroup_no_skill_rate": baseline,
+        "targets": per_target,
+    }
+    (args.out / "conditional.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n--formula: exact composition {composition_hits}/{composition_n} = {composition.rate:.1%} "
+          f"(95 % CI {composition.low:.1%}–{composition.high:.1%})")
+    print(f"--spacegroup: symmetry matches (symprec 0.1) {group_hits}/{group_n} = {groups.rate:.1%} "
+          f"(95 % CI {groups.low:.1%}–{groups.high:.1%})"
+          + (f"; no-skill rate from the train distribution {baseline:.1%}" if baseline is not None else ""))
+
+
+if __name__ == "__main__":
+    main()
