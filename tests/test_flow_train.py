@@ -191,3 +191,14 @@ def test_shipped_recipes_are_valid():
     for path in recipes:
         config = RunConfig.from_dict(tomllib.loads(path.read_text()), str(path))
         assert config.train.lambda_f == 200.0 and config.train.lambda_l == 1.0
+
+
+def test_pairs_count_each_target_once_when_records_repeat_it(tmp_path):
+    """crystal encode writes one record per prompt task: the same material under one id several times."""
+    rows = [{"id": name, "task": task, "prompt": "p", "completion": encode_structure(s)}
+            for name, s in TARGETS.items() for task in ("unconditional", "formula", "spacegroup")]
+    rows.append({"id": "ZnO", "task": "unconditional", "prompt": "p",
+                 "completion": encode_structure(TARGETS["ZnO"].copy().perturb(0.1))})  # same id, other cell
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = build_pairs(tmp_path / "records.jsonl", tmp_path / "pairs", NOISE, PairOptions(samples_per_target=1, seed=0))
+    assert stats["this_run"]["targets"] == 3 and stats["this_run"]["skipped"]["duplicate"] == 4

@@ -318,8 +318,10 @@ def build_pairs(
 
 
 def _targets(path: str | Path, options: PairOptions, stats: PairStats) -> Iterator[tuple[str, Structure]]:
-    """(unique id, structure) of usable targets; unusable rows are counted in stats.skipped."""
+    """(unique id, structure) of usable targets; unusable rows are counted in stats.skipped. A row repeating an
+    earlier row's id and structure exactly (crystal encode writes one record per prompt task) is a duplicate."""
     seen: Counter = Counter()
+    structures: dict[str, list[Structure]] = {}
     taken = 0
     for entry in read_structures(path):
         if options.max_targets is not None and taken >= options.max_targets:
@@ -330,6 +332,10 @@ def _targets(path: str | Path, options: PairOptions, stats: PairStats) -> Iterat
         if options.max_atoms is not None and len(entry.structure) > options.max_atoms:
             stats.skipped["too_many_atoms"] += 1
             continue
+        if any(entry.structure == s for s in structures.get(entry.id, ())):
+            stats.skipped["duplicate"] += 1
+            continue
+        structures.setdefault(entry.id, []).append(entry.structure)
         seen[entry.id] += 1
         key = entry.id if seen[entry.id] == 1 else f"{entry.id}~{seen[entry.id]}"
         taken += 1
