@@ -5,8 +5,8 @@ Prints structures/s and tokens/s of each backend, their ratio, parse rates, the 
 with the grammar, skipping on vs off), and decoding throughput as a fraction of this machine's measured
 float32 matmul throughput (torch, all threads).
 
-    python bench/sampling.py                      # SmolLM2-135M base, N=64
-    python bench/sampling.py --model runs/NAME    # a finetune run (exported once, cached)
+    python bench/sampling.py                          # the shipped default model (models/default), N=64
+    python bench/sampling.py --model smollm2-135m     # the bare base; or --model runs/NAME (a finetune run)
 
 GPU: build llama-cpp-python with CMAKE_ARGS="-DGGML_CUDA=on" (see Makefile), and this script's llama.cpp
 numbers use it as they are (all layers are offloaded by default); transformers runs on CPU here.
@@ -61,7 +61,8 @@ def run_backend(sampler, prompt: str, jobs) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="run directory or base (default smollm2-135m)")
+    parser.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "default"),
+                        help="run directory or base (default: models/default)")
     parser.add_argument("-n", type=int, default=64)
     parser.add_argument("--parallel", type=int, default=32)
     parser.add_argument("--max-atoms", type=int, default=20)
