@@ -113,7 +113,7 @@ def main() -> None:
         from crystal_cli.sampling.hf_backend import HFSampler, load_vocab_grammar
 
         base_dir = load_run(args.model).base_dir if is_run_dir(Path(args.model)) else resolve_base(args.model)
-        hf_model, tokenizer = load_trained(args.model)
+        hf_model, tokenizer = load_trained(args.model, merge=True)
         engine, vocab_model = load_vocab_grammar(source_gguf(base_dir) or smollm2_gguf(), gbnf)
         report["transformers_grammar"] = run_backend(HFSampler(hf_model, tokenizer, settings, engine, vocab_model.end_tokens), prompt, jobs)
         show("transformers_grammar", report["transformers_grammar"])

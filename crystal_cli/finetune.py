@@ -390,8 +390,9 @@ def _is_run_dir(path: Path) -> bool:
         return False
 
 
-def load_trained(model_spec: str | Path, device: str = "cpu", dtype=None):
-    """(model in eval mode, tokenizer) for a finished run directory, or a bare base spec (no adapter)."""
+def load_trained(model_spec: str | Path, device: str = "cpu", dtype=None, merge: bool = False):
+    """(model in eval mode, tokenizer) for a finished run directory, or a bare base spec (no adapter).
+    merge=True folds the adapter into the base weights (plain transformers model: faster inference)."""
     from peft import PeftModel
 
     from crystal_cli.bases import resolve_base
@@ -402,6 +403,8 @@ def load_trained(model_spec: str | Path, device: str = "cpu", dtype=None):
         info = load_run(path)
         model, tokenizer = load_base(info.base_dir, device, dtype)
         model = PeftModel.from_pretrained(model, str(info.adapter_dir)).to(device)
+        if merge:
+            model = model.merge_and_unload()
     else:
         model, tokenizer = load_base(resolve_base(model_spec), device, dtype)
     return model.eval(), tokenizer

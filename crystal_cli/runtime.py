@@ -22,6 +22,8 @@ def configure_process() -> None:
     os.environ.setdefault("SPGLIB_WARNING", "OFF")  # spglib's C code prints to stderr on hard cells
     # pymatgen warns once per noble gas when sorting formulas; it says nothing about the user's data.
     warnings.filterwarnings("ignore", message="No Pauling electronegativity")
+    # peft asks transformers a deprecated question when it loads an adapter; nothing the user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): nothing to tune

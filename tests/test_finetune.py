@@ -89,7 +89,10 @@ def test_adapter_loads_with_peft_and_has_no_embeddings(full_run, records):
     examples = [fitting[i] for i in sorted(np.random.default_rng([0, 7]).permutation(len(fitting))[:12])]
     with torch.no_grad():
         nll, _ = completion_nll(model, collate(examples, tokenizer.pad_token_id))
+        merged, _ = load_trained(run, merge=True)  # what the transformers sampling backend runs
+        merged_nll, _ = completion_nll(merged, collate(examples, tokenizer.pad_token_id))
     assert float(nll.mean()) == pytest.approx(result.val_loss, abs=1e-4)
+    assert type(merged).__name__ == "LlamaForCausalLM" and float(merged_nll.mean()) == pytest.approx(result.val_loss, abs=1e-4)
 
 
 def test_interrupted_run_resumes_exactly(full_run, records, tmp_path):

@@ -194,7 +194,7 @@ class _TransformersBackend:
         if options.adapter is not None:
             raise CrystalError("--adapter (a GGUF LoRA) needs --backend llama")
         base_dir = load_run(source).base_dir if is_run_dir(Path(source)) else resolve_base(source)
-        self.model, self.tokenizer = load_trained(source)
+        self.model, self.tokenizer = load_trained(source, merge=True)
         self.vocab_model = None
         grammar = None
         if gbnf is not None:
