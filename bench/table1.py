@@ -155,8 +155,8 @@ def main() -> None:
         ))
         if summary.generated:
             timings.add(f"generate-{key}", summary.generated, time.perf_counter() - started)
-        print(f"{key}: {summary.existing + summary.generated} samples, parse rate {summary.parse_rate:.1%} "
-              f"of {summary.generated} new", flush=True)
+        print(f"{key}: {summary.existing + summary.generated} samples ({summary.generated} new"
+              + (f", parse rate {summary.parse_rate:.1%})" if summary.generated else ")"), flush=True)
         stages = {key: (samples.with_suffix(".jsonl"), (f"generate-{key}",))}
         if flow is not None:
             refined = args.out / f"refined-{key}.cif"
