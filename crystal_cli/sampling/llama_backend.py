@@ -209,6 +209,7 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)
     decoded: int = 0  # tokens[:decoded] are in the KV cache
 
+
 MAX_FORCED_RUN = 8  # forced tokens appended after one sampled token before the next decode
 
 
