@@ -2,8 +2,9 @@
 
 Prints structures/s and tokens/s of each backend, their ratio, parse rates, the grammar's per-token overhead
 (llama.cpp with vs without the grammar), the gain from appending grammar-forced tokens unsampled (llama.cpp
-with the grammar, skipping on vs off), and decoding throughput as a fraction of this machine's measured
-float32 matmul throughput (torch, all threads).
+with the grammar, skipping on vs off), the same sampler on q8_0 weights, and decoding throughput as a fraction
+of this machine's measured float32 matmul throughput (torch, all threads). llama.cpp runs the f32 export by
+default: the transformers side's own weights.
 
     python bench/sampling.py                          # the shipped default model (models/default), N=64
     python bench/sampling.py --model smollm2-135m     # the bare base; or --model runs/NAME (a finetune run)
@@ -66,7 +67,8 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=64)
     parser.add_argument("--parallel", type=int, default=32)
     parser.add_argument("--max-atoms", type=int, default=20)
-    parser.add_argument("--quant", default="q8_0")
+    parser.add_argument("--quant", default="f32", help="llama.cpp weight type (f32: the transformers side's own weights; "
+                        "the ablations add q8_0)")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -91,20 +93,21 @@ def main() -> None:
                     "quant": args.quant, "threads": args.threads}
 
     report["matmul_gflops"] = matmul_gflops()
-    gguf = cached_export(args.model, args.quant)
-    with LlamaModel(gguf, threads=args.threads) as model:
-        import llama_cpp
+    runs = [("llama_grammar", args.quant, gbnf, settings)]
+    if not args.skip_ablations:
+        runs += [("llama_grammar_no_skip", args.quant, gbnf, replace(settings, skip_forced=False)),
+                 ("llama_free", args.quant, None, settings)]
+        runs += [(f"llama_grammar_{quant}", quant, gbnf, settings) for quant in ("q8_0",) if quant != args.quant]
+    for name, quant, grammar, run_settings in runs:
+        with LlamaModel(cached_export(args.model, quant), threads=args.threads) as model:
+            import llama_cpp
 
-        params = llama_cpp.llama_model_n_params(model.model)
-        runs = [("llama_grammar", gbnf, settings)]
-        if not args.skip_ablations:
-            runs += [("llama_grammar_no_skip", gbnf, replace(settings, skip_forced=False)), ("llama_free", None, settings)]
-        for name, grammar, run_settings in runs:
+            report["params"] = llama_cpp.llama_model_n_params(model.model)
             sampler = BatchedSampler(model, run_settings, grammar)
             report[name] = run_backend(sampler, prompt, jobs)
             show(name, report[name])
             sampler.close()
-    report["params"] = params
+    params = report["params"]
 
     if not args.skip_transformers:
         from crystal_cli.bases import resolve_base, smollm2_gguf, source_gguf
@@ -126,7 +129,7 @@ def main() -> None:
     def per_token(r: dict) -> float:
         return r["seconds"] / r["tokens"]
 
-    names = ("llama_grammar", "llama_grammar_no_skip", "llama_free", "transformers_grammar")
+    names = [name for name, *_ in runs] + ["transformers_grammar"]
     if "llama_free" in report:
         report["grammar_overhead_per_token"] = per_token(report["llama_grammar"]) / per_token(report["llama_free"]) - 1
         report["grammar_overhead_per_token_no_skip"] = per_token(report["llama_grammar_no_skip"]) / per_token(report["llama_free"]) - 1

@@ -272,7 +272,7 @@ def perplexity(
 def export_command(
     run: Annotated[str, typer.Argument(help="Finetune run directory, or a base (tiny, smollm2-135m, HF dir, .gguf).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The .gguf file to write.")],
-    quant: Annotated[str, typer.Option(help="Weight type: f32, f16, q8_0 or q4_k_m.")] = "f16",
+    quant: Annotated[str, typer.Option(help="Weight type: f32, f16, q8_0, q4_0 or q4_k_m.")] = "f16",
     adapter_only: Annotated[
         bool, typer.Option("--adapter-only", help="Write only the LoRA adapter (GGUF LoRA, applied on the base GGUF).")
     ] = False,
@@ -308,7 +308,9 @@ def generate(
     backend: Annotated[str, typer.Option(help="llama (llama.cpp, batched) or transformers.")] = "llama",
     grammar: Annotated[bool, typer.Option(help="Constrain sampling with the crystal grammar.")] = True,
     adapter: Annotated[Optional[Path], typer.Option(help="GGUF LoRA adapter applied on a .gguf model.")] = None,
-    quant: Annotated[str, typer.Option(help="Weight type when a run directory is exported on the fly.")] = "q8_0",
+    quant: Annotated[
+        str, typer.Option(help="Weight type of on-the-fly exports: auto (f32 below 2 GB of weights, else q8_0) or a type.")
+    ] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
     infill_file: Annotated[
         Optional[Path], typer.Option("--infill", help="Structures to propose substitutions for (with --mask).")

@@ -151,3 +151,26 @@ def test_skipping_forced_tokens_changes_nothing_but_the_work(tiny_gguf):
             assert (calls < 0.8 * tokens) if skip else (calls == tokens)
     assert texts[True] == texts[False]
     assert all(codec.parse_crystal(t).ok for t in texts[True])
+
+
+def test_samples_do_not_depend_on_how_many_run_at_once(tiny_gguf):
+    """Sample i depends only on (seed, i): one at a time and five at once (refilled slots, sequences of
+    different lengths finishing out of order, emptied slots taken over by running ones) give the same texts."""
+    from crystal_cli import codec
+    from crystal_cli.grammar import crystal_gbnf, max_new_tokens
+    from crystal_cli.sampling.llama_backend import BatchedSampler, Job, LlamaModel, SamplingSettings, job_seed
+
+    jobs = [Job(i, job_seed(3, i)) for i in range(12)]
+    texts = {}
+    with LlamaModel(tiny_gguf, threads=1) as model:
+        for parallel in (1, 5):
+            settings = SamplingSettings(1.0, 1.0, max_new_tokens(6), parallel=parallel, threads=1)
+            sampler = BatchedSampler(model, settings, crystal_gbnf(6))
+            finished = list(sampler.run(codec.unconditional_prompt(), jobs))
+            sampler.close()
+            texts[parallel] = {f.index: f.text for f in finished}
+            if parallel == 5:
+                lengths = [f.tokens for f in finished]
+                assert len(set(lengths)) > 3  # ragged: slots empty at different times
+                assert [f.index for f in finished] != sorted(f.index for f in finished)  # out of order
+    assert texts[1] == texts[5]

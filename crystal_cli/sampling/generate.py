@@ -46,7 +46,7 @@ class GenerateOptions:
     backend: str = "llama"
     grammar: bool = True
     adapter: Path | None = None  # a GGUF LoRA adapter applied on a .gguf model (llama backend)
-    quant: str = "q8_0"  # type of on-the-fly exports of run directories
+    quant: str = "auto"  # type of on-the-fly exports of run directories (export.auto_quant)
     threads: int | None = None
     infill: Path | None = None
     mask: str | None = None
