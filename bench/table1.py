@@ -159,7 +159,7 @@ def main() -> None:
               + (f", parse rate {summary.parse_rate:.1%})" if summary.generated else ")"), flush=True)
         stages = {key: (samples.with_suffix(".jsonl"), (f"generate-{key}",))}
         if flow is not None:
-            refined = args.out / f"refined-{key}.cif"
+            refined = args.out / f"refined-{key}.jsonl"  # structure dicts: every site as the flow left it
             started = time.perf_counter()
             stats = refine_file(samples.with_suffix(".jsonl"), refined, flow, steps=args.refine_steps,
                                 resume=refined.exists())

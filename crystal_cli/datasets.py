@@ -253,7 +253,8 @@ def _read_extxyz(path: Path) -> Iterator[Entry]:
 
 
 def _read_samples_jsonl(path: Path) -> Iterator[Entry]:
-    """jsonl with crystal text under "text" (crystal generate) or "completion" (crystal encode records)."""
+    """jsonl with a pymatgen structure dict under "structure" (crystal generate/refine --format jsonl), or
+    crystal text under "text" (generate's sidecar) or "completion" (crystal encode records)."""
     with path.open() as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -261,13 +262,20 @@ def _read_samples_jsonl(path: Path) -> Iterator[Entry]:
             source = f"{path}:{line_number}"
             try:
                 row = json.loads(line)
-                text = row["text"] if "text" in row else row["completion"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                content = next(row[key] for key in ("structure", "text", "completion") if key in row)
+            except (json.JSONDecodeError, StopIteration, TypeError):
                 yield Entry(id=f"{path.stem}-{line_number}", source=source, error="bad_jsonl_row",
-                            detail="not a json object with a 'text' or 'completion' field")
+                            detail="not a json object with a 'structure', 'text' or 'completion' field")
                 continue
             entry = Entry(id=str(row.get("id", f"{path.stem}-{line_number}")), source=source)
-            parsed = parse_crystal(str(text))
+            if "structure" in row:
+                try:
+                    _accept(entry, Structure.from_dict(content))
+                except Exception as exc:  # pymatgen raises many types on malformed dicts
+                    entry.error, entry.detail = "bad_structure_dict", str(exc)[:200]
+                yield entry
+                continue
+            parsed = parse_crystal(str(content))
             if parsed.ok:
                 _accept(entry, parsed.structure)
             else:

@@ -109,6 +109,23 @@ def test_generate_jsonl_parse_failures_carry_reasons(tmp_path, structures):
     assert entries[2].error == "bad_jsonl_row"
 
 
+def test_structure_jsonl_keeps_overlapping_sites_that_cif_would_merge(tmp_path, structures):
+    """generate/refine --format jsonl write pymatgen dicts; they read back site for site, including a raw
+    sample whose atoms overlap (a CIF reader merges or rejects those, hiding what the sampler produced)."""
+    from pymatgen.core import Structure
+
+    crowded = Structure(structures["NaCl"].lattice, ["Na", "Cl", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.501]])
+    path = tmp_path / "refined.jsonl"
+    write_structures(path, [("nacl", structures["NaCl"]), ("crowded", crowded)])
+    with path.open("a") as handle:
+        handle.write(json.dumps({"id": "broken", "structure": {"lattice": "nonsense"}}) + "\n")
+    entries = list(read_structures(path))
+    assert [e.id for e in entries] == ["nacl", "crowded", "broken"]
+    assert entries[0].structure == structures["NaCl"]
+    assert len(entries[1].structure) == 3 and entries[1].structure.composition.reduced_formula == "NaCl2"
+    assert entries[2].structure is None and entries[2].error == "bad_structure_dict"
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty", "unknown", "nocif", "emptydir"])
 def test_whole_file_problems_raise_one_line(tmp_path, kind):
     path = tmp_path / {"missing": "nope.csv", "empty": "empty.cif", "unknown": "data.parquet",

@@ -93,6 +93,23 @@ def _subsample(items: list, k: int | None, rng: np.random.Generator) -> list:
     return [items[i] for i in sorted(rng.choice(len(items), k, replace=False))]
 
 
+_COVERAGE_REFERENCES: dict[tuple, tuple[list, list]] = {}
+
+
+def coverage_reference(path: Path, max_reference: int, seed: int, workers: int,
+                       progress: ProgressFactory | None = None) -> tuple[list, list]:
+    """The seeded subsample of a coverage reference and its fingerprints, computed once per process: a
+    benchmark evaluating several sample sets against one reference fingerprints it once."""
+    key = (Path(path).resolve(), max_reference, seed)
+    if key not in _COVERAGE_REFERENCES:
+        loaded = matching.load_reference(path)  # one structure per material id
+        structures = [s for group in loaded.by_formula.values() for s in group]
+        structures = _subsample(structures, max_reference, np.random.default_rng(seed))
+        advance = (progress or _quiet)("reference fingerprints", len(structures))
+        _COVERAGE_REFERENCES[key] = structures, coverage_metrics.fingerprints(structures, workers, advance)
+    return _COVERAGE_REFERENCES[key]
+
+
 def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | None = None) -> Evaluation:
     """All metrics the options ask for, on every entry under `path`."""
     progress = progress or _quiet
@@ -142,10 +159,9 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
 
     if options.coverage_reference is not None:
         started = time.monotonic()
-        rng = np.random.default_rng(options.seed)
-        loaded = matching.load_reference(options.coverage_reference)  # one structure per material id
-        reference_structures = [s for group in loaded.by_formula.values() for s in group]
-        reference_structures = _subsample(reference_structures, options.coverage_max_reference, rng)
+        reference_structures, reference_fingerprints = coverage_reference(
+            options.coverage_reference, options.coverage_max_reference, options.seed, options.workers, progress
+        )
         evaluation.reference_sizes["coverage_reference"] = len(reference_structures)
         evaluation.reference_properties = {
             "density": [coverage_metrics.density(s) for s in reference_structures],
@@ -153,11 +169,8 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
         }
         evaluation.distribution = coverage_metrics.wasserstein(valid_structures, reference_structures, options.seed)
         structures = [s.entry.structure for s in samples if s.entry.structure is not None]
-        everything = structures + reference_structures
-        fingerprints = coverage_metrics.fingerprints(everything, options.workers, progress("fingerprints", len(everything)))
-        evaluation.coverage = coverage_metrics.coverage(
-            fingerprints[: len(structures)], fingerprints[len(structures):], n_generated=len(samples)
-        )
+        fingerprints = coverage_metrics.fingerprints(structures, options.workers, progress("fingerprints", len(structures)))
+        evaluation.coverage = coverage_metrics.coverage(fingerprints, reference_fingerprints, n_generated=len(samples))
         timed("coverage", started)
 
     if options.stability:
