@@ -100,7 +100,7 @@ def auto_quant(source: _Source) -> str:
     """f32 for small models, q8_0 for large ones.
 
     Batched decoding of a small model on CPU is compute-bound, and llama.cpp's f32 GEMM outran its q8_0
-    kernels (SmolLM2-135M, 32 sequences, 2 AVX2 cores: 0.62 vs 0.53 structures/s, bench/sampling.py); f32
+    kernels (SmolLM2-135M, 32 sequences, 2 AVX2 cores: 0.72 vs 0.55 structures/s, bench/sampling.py); f32
     also keeps the exact weights the model was trained in. Large models need q8_0's memory savings.
     """
     size = sum(p.stat().st_size for p in source.base_dir.glob("*.safetensors"))
