@@ -114,6 +114,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_gguf, tmp_path):
         ["-m", str(tmp_path / "absent.gguf"), "-o", out],
         ["-m", str(tiny_gguf), "-o", str(tmp_path / "no" / "dir" / "out.cif")],
         ["-m", str(tiny_gguf), "-o", out, "--format", "pdb"],
+        ["-m", str(tiny_gguf), "-o", out, "--quant", "q3"],
     ]
     for args in cases:
         result = runner.invoke(app, ["generate", *args])

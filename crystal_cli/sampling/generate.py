@@ -19,6 +19,7 @@ import numpy as np
 
 from crystal_cli import codec
 from crystal_cli.errors import CrystalError
+from crystal_cli.export import QUANTS
 from crystal_cli.grammar import ELEMENTS, crystal_gbnf, formula_constraint, max_new_tokens
 from crystal_cli.sampling.llama_backend import Finished, Job, SamplingSettings, job_seed
 from crystal_cli.structure_io import FORMATS, StructureAppender, append_jsonl, read_jsonl, write_structures
@@ -106,6 +107,8 @@ def _check_common(options: GenerateOptions) -> None:
         raise CrystalError("--temperature must be >= 0 and --top-p in (0, 1]")
     if options.max_atoms < 1:
         raise CrystalError(f"--max-atoms must be >= 1, got {options.max_atoms}")
+    if options.quant != "auto" and options.quant not in QUANTS:
+        raise CrystalError(f"--quant {options.quant!r}: choose from auto, {', '.join(QUANTS)}")
 
 
 def prompt_and_grammar(options: GenerateOptions) -> tuple[str, str | None]:
