@@ -97,12 +97,11 @@ def main() -> None:
     if not args.skip_ablations:
         runs += [("llama_grammar_no_skip", args.quant, gbnf, replace(settings, skip_forced=False)),
                  ("llama_free", args.quant, None, settings)]
-        runs += [(f"llama_grammar_{quant}", quant, gbnf, settings) for quant in ("q8_0",) if quant != args.quant]
+        if args.quant != "q8_0":
+            runs.append(("llama_grammar_q8_0", "q8_0", gbnf, settings))
     for name, quant, grammar, run_settings in runs:
         with LlamaModel(cached_export(args.model, quant), threads=args.threads) as model:
-            import llama_cpp
-
-            report["params"] = llama_cpp.llama_model_n_params(model.model)
+            report["params"] = model._llama.llama_model_n_params(model.model)
             sampler = BatchedSampler(model, run_settings, grammar)
             report[name] = run_backend(sampler, prompt, jobs)
             show(name, report[name])
