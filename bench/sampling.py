@@ -109,12 +109,11 @@ def main() -> None:
     params = report["params"]
 
     if not args.skip_transformers:
-        from crystal_cli.bases import resolve_base, smollm2_gguf, source_gguf
-        from crystal_cli.export import is_run_dir
-        from crystal_cli.finetune import load_run, load_trained
+        from crystal_cli.bases import smollm2_gguf, source_gguf
+        from crystal_cli.models import load_trained, model_dir
         from crystal_cli.sampling.hf_backend import HFSampler, load_vocab_grammar
 
-        base_dir = load_run(args.model).base_dir if is_run_dir(Path(args.model)) else resolve_base(args.model)
+        base_dir = model_dir(args.model)
         hf_model, tokenizer = load_trained(args.model, merge=True)
         engine, vocab_model = load_vocab_grammar(source_gguf(base_dir) or smollm2_gguf(), gbnf)
         report["transformers_grammar"] = run_backend(HFSampler(hf_model, tokenizer, settings, engine, vocab_model.end_tokens), prompt, jobs)

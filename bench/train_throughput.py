@@ -61,7 +61,8 @@ def measure(base: str, loop: str, steps: int, batch: int, length: int, precision
     from peft import LoraConfig, get_peft_model
 
     from crystal_cli.bases import resolve_base
-    from crystal_cli.finetune import ALL_LINEAR, collate, completion_nll, load_base, make_examples
+    from crystal_cli.finetune import ALL_LINEAR, collate, completion_nll, make_examples
+    from crystal_cli.models import load_base
 
     torch.manual_seed(0)
     model, tokenizer = load_base(resolve_base(base), "cpu", torch.float32)

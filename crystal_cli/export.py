@@ -49,19 +49,12 @@ class _Source:
     tokenizer_gguf: Path
 
 
-def is_run_dir(path: Path) -> bool:
-    """A finetune run directory (config.json + adapter/), as opposed to a base model directory."""
-    return path.is_dir() and (path / "config.json").is_file() and (path / "adapter").is_dir()
-
-
 def _resolve_source(source: str | Path) -> _Source:
     from crystal_cli.bases import resolve_base, smollm2_gguf, source_gguf
+    from crystal_cli.models import is_run_dir, load_run
 
-    path = Path(source)
-    if is_run_dir(path):
-        from crystal_cli.finetune import load_run
-
-        info = load_run(path)
+    if is_run_dir(source):
+        info = load_run(source)
         base_dir, adapter_dir = info.base_dir, info.adapter_dir
     else:
         base_dir, adapter_dir = resolve_base(source), None
@@ -83,7 +76,7 @@ def export(source: str | Path, output: str | Path, quant: str = "f16", adapter_o
         raise CrystalError(f"{output}: the output name must end in .gguf")
     resolved = _resolve_source(source)
     if adapter_only and resolved.adapter_dir is None:
-        raise CrystalError(f"{source}: --adapter-only needs a finetune run directory (config.json + adapter/)")
+        raise CrystalError(f"{source}: --adapter-only needs a LoRA finetune run directory (config.json + adapter/)")
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     try:
         if adapter_only:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from crystal_cli import codec
 from crystal_cli.errors import CrystalError
 from crystal_cli.files import read_toml
+from crystal_cli.models import load_base
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NON_CRYSTAL_TASKS = frozenset({"infill"})  # tasks whose completion is not a crystal (no translation)
@@ -346,68 +347,6 @@ class CompletionNLL(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- model
-
-
-def load_base(base_dir: Path, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # never add a token: adapters must not touch embeddings
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype).to(device)
-    return model, tokenizer
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    base_dir: Path
-    adapter_dir: Path
-    config: dict
-
-
-def load_run(run_dir: str | Path) -> RunInfo:
-    """A finished run (config.json + adapter/); its base is re-resolved if the cached path moved."""
-    from crystal_cli.bases import resolve_base
-
-    run_dir = Path(run_dir)
-    config_file, adapter_dir = run_dir / "config.json", run_dir / "adapter"
-    if not config_file.is_file():
-        raise CrystalError(f"{run_dir}: not a crystal finetune run (no config.json)")
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise CrystalError(f"{run_dir}: run not finished (no adapter/); continue it with crystal finetune --resume")
-    config = json.loads(config_file.read_text())
-    base_dir = Path(config["base"])
-    if not (base_dir / "config.json").is_file():
-        base_dir = resolve_base(config["base_spec"])
-    return RunInfo(base_dir=base_dir, adapter_dir=adapter_dir.resolve(), config=config)
-
-
-def _is_run_dir(path: Path) -> bool:
-    """A finetune run (its config.json records base_spec), as opposed to a model directory."""
-    try:
-        return "base_spec" in json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError, TypeError):
-        return False
-
-
-def load_trained(model_spec: str | Path, device: str = "cpu", dtype=None, merge: bool = False):
-    """(model in eval mode, tokenizer) for a finished run directory, or a bare base spec (no adapter).
-    merge=True folds the adapter into the base weights (plain transformers model: faster inference)."""
-    from peft import PeftModel
-
-    from crystal_cli.bases import resolve_base
-
-    dtype = dtype or torch.float32
-    path = Path(model_spec)
-    if _is_run_dir(path):
-        info = load_run(path)
-        model, tokenizer = load_base(info.base_dir, device, dtype)
-        model = PeftModel.from_pretrained(model, str(info.adapter_dir)).to(device)
-        if merge:
-            model = model.merge_and_unload()
-    else:
-        model, tokenizer = load_base(resolve_base(model_spec), device, dtype)
-    return model.eval(), tokenizer
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -799,14 +738,6 @@ class _Trainer:
                 "precision": str(self.autocast_dtype or "fp32"),
             })
         return FinetuneResult(self.run_dir, step, interrupted, train_loss, val_loss, first_val, tokens, wall, self.counts)
-
-
-def run_summary(run_dir: str | Path) -> dict:
-    """A finished run's summary.json (data counts, steps, losses, wall time)."""
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise CrystalError(f"{run_dir}: no summary.json (run not finished)")
-    return json.loads(path.read_text())
 
 
 def parse_override(text: str) -> tuple[str, object]:

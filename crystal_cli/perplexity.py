@@ -20,7 +20,8 @@ import torch
 
 from crystal_cli import codec
 from crystal_cli.errors import CrystalError
-from crystal_cli.finetune import NON_CRYSTAL_TASKS, Example, collate, completion_nll, load_trained, tokenize_completion
+from crystal_cli.finetune import NON_CRYSTAL_TASKS, Example, collate, completion_nll, tokenize_completion
+from crystal_cli.models import load_trained
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def tiny_run(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     from crystal_cli.bases import resolve_base
-    from crystal_cli.finetune import load_base
+    from crystal_cli.models import load_base
 
     base_dir = resolve_base("tiny")
     model, _ = load_base(base_dir, "cpu", torch.float32)
@@ -38,7 +38,7 @@ def tiny_run(tmp_path_factory):
 
 
 def _transformers_greedy(run, prompt: str) -> list[int]:
-    from crystal_cli.finetune import load_trained
+    from crystal_cli.models import load_trained
 
     model, tokenizer = load_trained(run)
     ids = tokenizer(prompt, return_tensors="pt")

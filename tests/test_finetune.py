@@ -18,9 +18,10 @@ from crystal_cli.cli import app
 from crystal_cli.encode import EncodeOptions, encode
 from crystal_cli.errors import CrystalError
 from crystal_cli.finetune import (
-    Example, collate, completion_nll, epoch_batches, finetune, load_recipe, load_run, load_trained,
-    make_examples, parse_override, read_records, resolve_config, translated,
+    Example, collate, completion_nll, epoch_batches, finetune, load_recipe, make_examples, parse_override,
+    read_records, resolve_config, translated,
 )
+from crystal_cli.models import load_run, load_trained
 from tests.conftest import REPO, shared, simple_structures, write_cdvae_csv
 
 runner = CliRunner()

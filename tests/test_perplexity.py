@@ -14,7 +14,8 @@ from crystal_cli import codec
 from crystal_cli.cli import app
 from crystal_cli.encode import EncodeOptions, encode
 from crystal_cli.errors import CrystalError
-from crystal_cli.finetune import finetune, load_trained, resolve_config
+from crystal_cli.finetune import finetune, resolve_config
+from crystal_cli.models import load_trained
 from crystal_cli.perplexity import load_items, perplexity
 from tests.conftest import REPO, simple_structures, write_cdvae_csv
 

@@ -186,9 +186,8 @@ class _LlamaBackend:
 
 class _TransformersBackend:
     def __init__(self, options: GenerateOptions, settings: SamplingSettings, gbnf: str | None):
-        from crystal_cli.bases import resolve_base, smollm2_gguf, source_gguf
-        from crystal_cli.export import is_run_dir
-        from crystal_cli.finetune import load_run, load_trained
+        from crystal_cli.bases import smollm2_gguf, source_gguf
+        from crystal_cli.models import load_trained, model_dir
         from crystal_cli.sampling.hf_backend import HFSampler, load_vocab_grammar
         from transformers.utils import logging as hf_logging
 
@@ -196,7 +195,7 @@ class _TransformersBackend:
         source = resolve_model(options.model)
         if options.adapter is not None:
             raise CrystalError("--adapter (a GGUF LoRA) needs --backend llama")
-        base_dir = load_run(source).base_dir if is_run_dir(Path(source)) else resolve_base(source)
+        base_dir = model_dir(source)
         self.model, self.tokenizer = load_trained(source, merge=True)
         self.vocab_model = None
         grammar = None
