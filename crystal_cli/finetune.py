@@ -1,11 +1,12 @@
-"""LoRA fine-tuning on crystal text records: `crystal finetune`.
+"""Fine-tuning on crystal text records (LoRA, or every weight): `crystal finetune`.
 
 A run directory holds everything needed to reproduce, resume or use a run::
 
     RUN/config.json          fully resolved config ("base": resolved HF dir, "base_spec": what was asked)
     RUN/metrics.jsonl        one line per log step (loss, lr, tokens/s) and per evaluation (val_loss)
     RUN/checkpoints/step-N/  trainable weights, optimizer, scheduler, RNG state (atomically renamed in)
-    RUN/adapter/             the final PEFT adapter (no embedding or lm_head weights)
+    RUN/adapter/             the final PEFT adapter (no embedding or lm_head weights), train.method = lora
+    RUN/model/               the whole trained model (transformers directory + tokenizer), train.method = full
     RUN/summary.json         data counts, steps, final losses, wall time
 
 Exact resume: batch order and augmentation are pure functions of (seed, epoch, position), and the
@@ -70,6 +71,7 @@ class TrainSection:
     seed: int = 0
     max_steps: int = 1000  # optimizer steps; replaced by the epochs' count when epochs > 0
     epochs: float = 0.0
+    max_minutes: float = 0.0  # > 0: stop (evaluate, checkpoint, save weights) after this much training time
     batch_size: int = 8  # examples per micro-batch (per process)
     grad_accum: int = 1
     learning_rate: float = 2e-4
@@ -82,8 +84,12 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     threads: int = 0  # CPU threads for torch; 0 = torch's default (use 1 on a busy shared host)
+    method: str = "lora"  # lora: train a LoRA adapter on the frozen base | full: train every weight
+    # Softmax of the loss over: "full" vocabulary (runs made before this key existed) or "crystal": the
+    # tokens the sampling grammar can ever emit plus every completion token of the data (CRYSTAL_VOCAB).
+    loss_vocab: str = "full"
 
 
 @dataclass
@@ -95,9 +101,10 @@ class RunConfig:
 
 
 SECTIONS = {"lora": LoraSection, "data": DataSection, "train": TrainSection}
-RESUME_OVERRIDABLE = {"train.max_steps", "train.eval_every", "train.checkpoint_every", "train.log_every",
+RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.eval_every", "train.checkpoint_every", "train.log_every",
                       "train.keep_checkpoints"}
-CHOICES = {"train.precision": ("auto", "fp32", "bf16")}
+CHOICES = {"train.precision": ("auto", "fp32", "bf16"), "train.method": ("lora", "full"),
+           "train.loss_vocab": ("full", "crystal")}
 
 
 def _check_type(value: object, annotation: str, where: str) -> object:
@@ -321,29 +328,69 @@ def collate(examples: list[Example], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def completion_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class LossVocab:
+    """The token ids a loss normalises over, and the map from a token id to its row (-1: not in it)."""
+
+    ids: torch.Tensor
+    row: torch.Tensor
+
+    @classmethod
+    def of(cls, ids: set[int], vocab_size: int, device) -> LossVocab:
+        ordered = torch.tensor(sorted(ids), dtype=torch.long)
+        row = torch.full((vocab_size,), -1, dtype=torch.long)
+        row[ordered] = torch.arange(len(ordered))
+        return cls(ordered.to(device), row.to(device))
+
+
+def crystal_vocab(tokenizer, examples: list[Example]) -> set[int]:
+    """Token ids the sampling grammar can ever emit (grammar.crystal_shortlist, end of text included) and
+    every completion token of `examples`, so the restricted loss is defined on every training target.
+
+    Sampling with the grammar draws only from that shortlist, renormalised, so a softmax over it is the
+    distribution the model is used with; and the lm_head shrinks from 49,152 rows to a few hundred.
+    """
+    from crystal_cli.grammar import crystal_shortlist
+
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ids = set(crystal_shortlist(pieces, [tokenizer.eos_token_id]).tolist())
+    for example in examples:
+        ids.update(example.completion_ids)
+    return ids
+
+
+def completion_nll(model, batch: dict, vocab: LossVocab | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token negative log-likelihood of the labelled (completion) tokens and each token's batch row.
 
     The lm_head runs only on labelled positions: with a 49k vocabulary the full logits tensor is the
-    largest activation of a small model, and prompt/padding positions would be thrown away anyway.
+    largest activation of a small model, and prompt/padding positions would be thrown away anyway. With
+    `vocab`, only its rows of the lm_head are computed and the softmax is over them alone; every target
+    must be in it (crystal_vocab makes sure).
     """
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    picked, wanted = hidden[:, :-1][mask], targets[mask]
+    head = model.get_output_embeddings()
+    if vocab is None:
+        logits = head(picked).float()
+    else:
+        logits = F.linear(picked, head.weight[vocab.ids]).float()
+        wanted = vocab.row[wanted]
     rows = mask.nonzero()[:, 0]
-    return F.cross_entropy(logits, targets[mask], reduction="none"), rows
+    return F.cross_entropy(logits, wanted, reduction="none"), rows
 
 
 class CompletionNLL(torch.nn.Module):
     """completion_nll as a module, so DistributedDataParallel's forward hooks see every training call."""
 
-    def __init__(self, model):
+    def __init__(self, model, vocab: LossVocab | None):
         super().__init__()
         self.model = model
+        self.vocab = vocab
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return completion_nll(self.model, batch)
+        return completion_nll(self.model, batch, self.vocab)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -384,10 +431,20 @@ def _device_and_dtype(train: TrainSection, local_rank: int):
         device = torch.device(train.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise CrystalError(f"device {train.device!r} requested but CUDA is not available")
-    bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
+    bf16 = train.precision == "bf16" or (train.precision == "auto" and (device.type == "cuda" or cpu_has_bf16()))
     # CUDA bf16 holds the frozen base in bf16 (LoRA weights stay fp32); CPU bf16 is autocast over fp32.
     weights = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
     return device, weights, (torch.bfloat16 if bf16 else None)
+
+
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX)? Elsewhere bf16 autocast is emulated and
+    slower than fp32, so precision "auto" keeps fp32 there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _schedule(train: TrainSection, max_steps: int) -> Callable[[int], float]:
@@ -462,7 +519,8 @@ def finetune(
     resume: bool = False,
     on_event: Callable[[StepEvent], None] | None = None,
 ) -> FinetuneResult:
-    """Train a LoRA adapter on config.data.records into run_dir (resuming from its last checkpoint)."""
+    """Train on config.data.records into run_dir (resuming from its last checkpoint): a LoRA adapter, or
+    with train.method = "full" every weight of the base (saved whole as RUN/model/)."""
     with _distributed() as (rank, world, local_rank):
         return _Trainer(config, Path(run_dir), rank, world, local_rank).run(resume, on_event or (lambda event: None))
 
@@ -485,19 +543,28 @@ class _Trainer:
             torch.set_num_threads(train.threads)
         torch.manual_seed(train.seed + rank)
         base, self.tokenizer = load_base(self.base_dir, self.device, weights_dtype)
-        missing = [m for m in config.lora.target_modules if not any(n.endswith(f".{m}") for n, _ in base.named_modules())]
-        if missing:
-            raise CrystalError(f"lora.target_modules {missing} do not exist in base {config.base!r}")
-        lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                          target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM")
-        self.model = get_peft_model(base, lora)
-        self.net = self.model.get_base_model()  # LoRA layers are injected in place: this trains them
+        if train.method == "full":
+            self.model = self.net = base
+            if weights_dtype != torch.float32:  # trained weights stay fp32; bf16 comes from autocast
+                self.model.float()
+        else:
+            missing = [m for m in config.lora.target_modules if not any(n.endswith(f".{m}") for n, _ in base.named_modules())]
+            if missing:
+                raise CrystalError(f"lora.target_modules {missing} do not exist in base {config.base!r}")
+            lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                              target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM")
+            self.model = get_peft_model(base, lora)
+            self.net = self.model.get_base_model()  # LoRA layers are injected in place: this trains them
         self.train_examples, too_long = make_examples(self.tokenizer, train_records, data.max_length)
         if not self.train_examples:
             raise CrystalError(f"{records_dir}: every train example is longer than data.max_length={data.max_length}")
         val_fitting, val_too_long = make_examples(self.tokenizer, val_records, data.max_length)
         val_pick = np.random.default_rng([train.seed, 7]).permutation(len(val_fitting))[: data.val_records]
         self.val_examples = [val_fitting[i] for i in sorted(val_pick)]
+        self.loss_vocab = None
+        if train.loss_vocab == "crystal":
+            ids = crystal_vocab(self.tokenizer, self.train_examples + self.val_examples)
+            self.loss_vocab = LossVocab.of(ids, base.get_output_embeddings().weight.shape[0], self.device)
         self.lengths = [e.length for e in self.train_examples]
         self.batches_per_epoch = len(epoch_batches(self.lengths, train.batch_size, train.seed, 0))
         micro_per_step = train.grad_accum * world
@@ -507,12 +574,14 @@ class _Trainer:
                        "train_too_long": too_long, "val_records": len(val_records),
                        "val_examples": len(self.val_examples), "val_too_long": val_too_long,
                        "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                       "loss_vocab_size": len(self.loss_vocab.ids) if self.loss_vocab is not None
+                       else base.get_output_embeddings().weight.shape[0],
                        "world_size": world}
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=train.learning_rate,
                                            weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(train, self.max_steps))
-        self.forward = CompletionNLL(self.net)
+        self.forward = CompletionNLL(self.net, self.loss_vocab)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -595,7 +664,7 @@ class _Trainer:
         with torch.no_grad(), self._autocast():
             for start in range(0, len(order), size):
                 batch = self._batch([self.val_examples[i] for i in order[start:start + size]])
-                nll, _ = completion_nll(self.net, batch)
+                nll, _ = completion_nll(self.net, batch, self.loss_vocab)
                 total += float(nll.sum())
                 tokens += nll.numel()
         return total / tokens
@@ -621,6 +690,7 @@ class _Trainer:
         final = checkpoints / f"step-{step}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        self._save_weights()  # the latest checkpoint is always usable (export, generate, shipping)
         for _, old in _checkpoints(self.run_dir)[: -self.config.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -645,11 +715,20 @@ class _Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         return json.loads((path / "trainer_state.json").read_text())
 
-    def _save_adapter(self) -> None:
-        tmp = self.run_dir / f".adapter-tmp{os.getpid()}"
+    def _save_weights(self) -> None:
+        """RUN/adapter (LoRA) or RUN/model (whole model, with tokenizer and base provenance), renamed in."""
+        from crystal_cli.bases import PROVENANCE
+        from crystal_cli.models import ADAPTER_DIR, MODEL_DIR
+
+        name = MODEL_DIR if self.config.train.method == "full" else ADAPTER_DIR
+        tmp = self.run_dir / f".{name}-tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(str(tmp))
-        final, old = self.run_dir / "adapter", self.run_dir / f".adapter-old{os.getpid()}"
+        if name == MODEL_DIR:
+            self.tokenizer.save_pretrained(str(tmp))
+            if (self.base_dir / PROVENANCE).is_file():  # where export finds the tokenizer's GGUF metadata
+                shutil.copy(self.base_dir / PROVENANCE, tmp / PROVENANCE)
+        final, old = self.run_dir / name, self.run_dir / f".{name}-old{os.getpid()}"
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -688,6 +767,7 @@ class _Trainer:
             log({"step": 0, "val_loss": val_loss})
             on_event(StepEvent(step=0, max_steps=self.max_steps, val_loss=val_loss))
         started = time.perf_counter() - state["elapsed_s"]
+        examples_per_step = train.batch_size * train.grad_accum * self.world
         window_loss, window_labels, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
         train_loss = None
         interrupted = False
@@ -705,19 +785,24 @@ class _Trainer:
                     speed = window_inputs / max(1e-9, time.perf_counter() - window_start)
                     on_event(StepEvent(step=step, max_steps=self.max_steps, loss=loss, lr=lr, tokens_per_s=speed))
                     if step % train.log_every == 0 or step == self.max_steps:
-                        log({"step": step, "loss": window_loss / window_labels, "lr": lr, "tokens_per_s": speed,
-                             "tokens": tokens, "elapsed_s": time.perf_counter() - started})
+                        log({"step": step, "examples": step * examples_per_step, "loss": window_loss / window_labels,
+                             "lr": lr, "tokens_per_s": speed, "tokens": tokens, "elapsed_s": time.perf_counter() - started})
                         window_loss, window_labels, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
-                    if self.val_examples and (step % train.eval_every == 0 or step == self.max_steps):
+                    out_of_time = self._all_agree(
+                        train.max_minutes > 0 and time.perf_counter() - started >= 60 * train.max_minutes)
+                    last = step == self.max_steps or out_of_time
+                    if self.val_examples and (step % train.eval_every == 0 or last):
                         val_loss = self.evaluate()
-                        log({"step": step, "val_loss": val_loss})
+                        log({"step": step, "examples": step * examples_per_step, "val_loss": val_loss})
                         on_event(StepEvent(step=step, max_steps=self.max_steps, val_loss=val_loss))
                     stop = self._all_agree(stopper.requested)
-                    if stop or step % train.checkpoint_every == 0 or step == self.max_steps:
+                    if stop or last or step % train.checkpoint_every == 0:
                         self.save_checkpoint(step, {"tokens": tokens, "elapsed_s": time.perf_counter() - started,
                                                     "first_val_loss": first_val})
                     if stop:
                         interrupted = True
+                        break
+                    if out_of_time:
                         break
         except torch.OutOfMemoryError:
             t = self.config.train
@@ -731,11 +816,11 @@ class _Trainer:
                 metrics.close()
         wall = time.perf_counter() - started
         if not interrupted and self.rank == 0:
-            self._save_adapter()
             _atomic_json(self.run_dir / "summary.json", {
                 "steps": step, "tokens": tokens, "wall_s": wall, "train_loss": train_loss, "val_loss": val_loss,
                 "first_val_loss": first_val, "counts": self.counts, "device": str(self.device),
-                "precision": str(self.autocast_dtype or "fp32"),
+                "precision": str(self.autocast_dtype or "fp32"), "examples": step * examples_per_step,
+                "stopped_by": "max_steps" if step >= self.max_steps else "max_minutes",
             })
         return FinetuneResult(self.run_dir, step, interrupted, train_loss, val_loss, first_val, tokens, wall, self.counts)
 

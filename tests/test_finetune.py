@@ -107,8 +107,11 @@ def test_interrupted_run_resumes_exactly(full_run, records, tmp_path):
     stopped = finetune(config_for(records, run), run, on_event=interrupt_at_step_6)
     assert stopped.interrupted and stopped.steps == 6
     assert (run / "checkpoints" / "step-6" / "trainer_state.json").is_file()
-    with pytest.raises(CrystalError, match="not finished"):
-        load_run(run)
+    # the adapter of the last checkpoint is written with it: an interrupted run is usable as it stands
+    saved = load_file(load_run(run).adapter_dir / "adapter_model.safetensors")
+    at_stop = trainable_weights(run, 6)
+    assert len(saved) == len(at_stop) and all(
+        any(torch.equal(tensor, other) for other in at_stop.values()) for tensor in saved.values())
     resumed = finetune(config_for(records, run, resume=True), run, resume=True)
     assert resumed.steps == STEPS and not resumed.interrupted
     assert resumed.val_loss == pytest.approx(finished.val_loss, abs=1e-5)
@@ -206,3 +209,42 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, records):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) <= 2  # one message (the console may wrap it once)
+
+
+def test_whole_model_run_on_a_cut_base_with_crystal_vocab_and_a_time_budget(records, tmp_path):
+    """train.method = full on tiny:2 (the tiny base cut to 2 of its 4 layers), the loss over the crystal
+    vocabulary, stopped by max_minutes: RUN/model is a whole 2-layer model that llama.cpp decodes exactly as
+    transformers does, and the restricted loss is the full-vocabulary loss renormalised over its tokens."""
+    from crystal_cli.export import export
+    from crystal_cli.finetune import LossVocab, crystal_vocab
+    from tests.test_export import _llama_greedy, _transformers_greedy
+
+    run = tmp_path / "whole"
+    config = config_for(records, run, **{"base": "tiny:2", "train.method": "full", "train.loss_vocab": "crystal",
+                                         "train.max_steps": 1000, "train.max_minutes": 0.002,
+                                         "train.eval_every": 1000})
+    result = finetune(config, run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert 1 <= result.steps < 1000 and summary["stopped_by"] == "max_minutes" and not result.interrupted
+    assert summary["counts"]["loss_vocab_size"] < 1000  # a few hundred of 49,152 rows
+    info = load_run(run)
+    assert info.adapter_dir is None and json.loads((info.base_dir / "config.json").read_text())["num_hidden_layers"] == 2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == result.steps and rows[-1]["examples"] == 4 * result.steps and "val_loss" in rows[-1]
+
+    model, tokenizer = load_trained(run)
+    examples, _ = make_examples(tokenizer, read_records(records / "val.jsonl")[:4], 160)
+    batch = collate(examples, tokenizer.pad_token_id)
+    vocab = LossVocab.of(crystal_vocab(tokenizer, examples), len(tokenizer), "cpu")
+    with torch.no_grad():
+        full, _ = completion_nll(model, batch)
+        restricted, _ = completion_nll(model, batch, vocab)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    picked = logits[targets != -100]
+    expected = -(picked.gather(1, targets[targets != -100][:, None])[:, 0] - picked[:, vocab.ids].logsumexp(1))
+    assert torch.allclose(restricted, expected, atol=1e-4) and bool((restricted <= full + 1e-5).all())
+
+    gguf = export(run, tmp_path / "whole.gguf", "f32").path
+    prompt = codec.unconditional_prompt()
+    assert _llama_greedy(gguf, prompt, parallel=1)[0] == _transformers_greedy(run, prompt)[:24]
