@@ -101,7 +101,7 @@ class RunConfig:
 
 
 SECTIONS = {"lora": LoraSection, "data": DataSection, "train": TrainSection}
-RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.eval_every", "train.checkpoint_every", "train.log_every",
+RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.threads", "train.eval_every", "train.checkpoint_every", "train.log_every",
                       "train.keep_checkpoints"}
 CHOICES = {"train.precision": ("auto", "fp32", "bf16"), "train.method": ("lora", "full"),
            "train.loss_vocab": ("full", "crystal")}
