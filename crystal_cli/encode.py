@@ -1,17 +1,19 @@
 """Datasets -> text records (prompt, completion, task) for fine-tuning: `crystal encode`.
 
 One record per (structure, augmented copy, task). Output is OUTDIR/<split>.jsonl plus OUTDIR/stats.json with
-every skip counted by reason. Randomness (augmentation, condition subsets, infill element, val split) is
+every skip counted by reason and OUTDIR/manifest.json (crystal_cli.runs: inputs with content hashes, options,
+versions); every file is renamed into place only when the whole encode succeeded. Randomness (augmentation, condition subsets, infill element, val split) is
 seeded per material, so the same inputs and seed give byte-identical files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import numpy as np
 from pymatgen.core import Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from crystal_cli import codec
+from crystal_cli import codec, runs
 from crystal_cli.datasets import Entry, count_entries, discover, read_entries, read_file
 from crystal_cli.errors import CrystalError
 from crystal_cli.files import read_toml
@@ -142,27 +144,18 @@ def read_id_list(path: str | Path) -> set[str]:
 
 
 class RecordWriter:
-    """Writes OUTDIR/<split>.jsonl through temporary files renamed into place on success only."""
+    """Writes OUTDIR/<split>.jsonl through runs.atomic_path: each file is renamed into place when the stack
+    closes without an error, and every one is dropped when it closes with one."""
 
-    def __init__(self, outdir: Path):
-        self.outdir = outdir
+    def __init__(self, outdir: Path, stack: ExitStack):
+        self.outdir, self.stack = outdir, stack
         self.handles: dict[str, object] = {}
 
     def write(self, split: str, record: dict) -> None:
         if split not in self.handles:
-            self.handles[split] = (self.outdir / f".{split}.jsonl.tmp").open("w")
+            tmp = self.stack.enter_context(runs.atomic_path(self.outdir / f"{split}.jsonl"))
+            self.handles[split] = self.stack.enter_context(tmp.open("w"))
         self.handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def commit(self) -> list[str]:
-        for split, handle in self.handles.items():
-            handle.close()
-            os.replace(self.outdir / f".{split}.jsonl.tmp", self.outdir / f"{split}.jsonl")
-        return sorted(self.handles)
-
-    def abort(self) -> None:
-        for split, handle in self.handles.items():
-            handle.close()
-            (self.outdir / f".{split}.jsonl.tmp").unlink(missing_ok=True)
 
 
 def encode(
@@ -184,8 +177,8 @@ def encode(
     outdir.mkdir(parents=True, exist_ok=True)
     stats: dict[str, SplitStats] = {}
     seen: dict[str, set[str]] = {}
-    writer = RecordWriter(outdir)
-    try:
+    with ExitStack() as stack:
+        writer = RecordWriter(outdir, stack)
         for split, path in plan:
             rows = 0
             if progress:
@@ -213,10 +206,6 @@ def encode(
             raise CrystalError(
                 "nothing was encoded: " + (_skip_summary(stats) or "the inputs hold no rows")
             )
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
     result = {
         "inputs": [{"path": str(p), "split": s} for s, p in plan],
         "options": {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in asdict(options).items()
@@ -225,9 +214,13 @@ def encode(
             name: {**asdict(s), "skipped": dict(s.skipped), "tasks": dict(s.tasks)} for name, s in sorted(stats.items())
         },
     }
-    text = json.dumps(result, indent=2)
-    (outdir / "stats.json").write_text(text + "\n")
-    return json.loads(text)
+    runs.write_json(outdir / "stats.json", result)
+    excluded = hashlib.sha256("\n".join(sorted(options.exclude_ids)).encode()).hexdigest()
+    runs.Manifest("encode", result["options"] | {"exclude_ids_sha256": excluded},
+                  inputs={str(p): runs.input_record(p) for p in dict.fromkeys(p for _, p in plan)},
+                  outputs=("stats.json", *(f"{name}.jsonl" for name in sorted(writer.handles)))
+                  ).save(runs.manifest_path(outdir, directory=True))
+    return json.loads(json.dumps(result))
 
 
 def _target_split(split: str, material_id: str, options: EncodeOptions) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 
 from crystal_cli.errors import CrystalError
 from crystal_cli.files import sha256_file
+from crystal_cli.runs import atomic_path
 
 QUANTS = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # name -> llama_ftype
 EXPORT_VERSION = 1  # bump when the written GGUF changes, so cached exports are rebuilt
@@ -77,15 +78,11 @@ def export(source: str | Path, output: str | Path, quant: str = "f16", adapter_o
     resolved = _resolve_source(source)
     if adapter_only and resolved.adapter_dir is None:
         raise CrystalError(f"{source}: --adapter-only needs a LoRA finetune run directory (config.json + adapter/)")
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(output) as tmp:
         if adapter_only:
             tensors = _write_adapter(resolved, tmp, "f32" if quant == "f32" else "f16")
         else:
             tensors = _write_model(resolved, tmp, quant)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportResult(output, quant, adapter_only, tensors, output.stat().st_size, resolved.tokenizer_gguf)
 
 
@@ -100,13 +97,17 @@ def auto_quant(source: _Source) -> str:
     return "f32" if size <= AUTO_F32_MAX_BYTES else "q8_0"
 
 
+def resolve_quant(source: str | Path, quant: str = "auto") -> str:
+    """The weight type cached_export writes for `source`: `quant` itself, or what "auto" picks for it."""
+    return auto_quant(_resolve_source(source)) if quant == "auto" else quant
+
+
 def cached_export(source: str | Path, quant: str = "auto") -> Path:
     """The merged GGUF of a run or base, exported once per content (cache_dir()/exports/KEY/model.gguf)."""
     from crystal_cli.bases import cache_dir
 
     resolved = _resolve_source(source)
-    if quant == "auto":
-        quant = auto_quant(resolved)
+    quant = auto_quant(resolved) if quant == "auto" else quant
     _check_quant(quant)
     target = cache_dir() / "exports" / _content_key(resolved, quant) / f"model-{quant}.gguf"
     if not target.is_file():
@@ -243,7 +244,7 @@ def _finish(writer) -> None:
 
 
 def _quantize(source: Path, target: Path, quant: str) -> None:
-    from crystal_cli.sampling.llama_backend import quiet_llama_cpp
+    from crystal_cli.runtime import quiet_llama_cpp
 
     llama_cpp = quiet_llama_cpp()
 
@@ -297,6 +298,17 @@ def _write_adapter(source: _Source, path: Path, float_type: str) -> int:
             count += 1
     _finish(writer)
     return count
+
+
+def gguf_quant(path: str | Path) -> str:
+    """The weight type of a model GGUF by the names of --quant (its general.file_type), or "ftype N"."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    ftype = int(field.contents())
+    return next((name for name, value in QUANTS.items() if value == ftype), f"ftype {ftype}")
 
 
 def check_gguf_model(path: str | Path) -> str:

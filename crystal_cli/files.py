@@ -1,8 +1,10 @@
-"""Small file helpers every stage shares: recipe TOML with one-line errors, content hashes for caches."""
+"""Small file helpers every stage shares: recipe TOML with one-line errors, content hashes for caches, and
+where the founders' data lives."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import tomllib
 from pathlib import Path
 
@@ -27,3 +29,10 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under the founders' data folder: $CRYSTAL_SHARED_DATA, else ../shared/data beside the source
+    checkout (the data is never copied into the repository; an installed package needs the variable)."""
+    root = os.environ.get("CRYSTAL_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(root).joinpath(*parts)

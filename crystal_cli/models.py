@@ -94,3 +94,76 @@ def load_trained(model_spec: str | Path, device: str = "cpu", dtype=None, merge:
     else:
         model, tokenizer = load_base(resolve_base(model_spec), device, dtype)
     return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------- shipped models
+
+LLM, FLOW = "llm", "flow"
+DEFAULTS = {LLM: "default", FLOW: "flow-default"}  # what `crystal generate` / `crystal refine` use unasked
+SHIPPED_PACKAGE_DIR = "shipped"  # where a built wheel puts models/ inside the package (pyproject.toml)
+
+
+def shipped_dir() -> Path | None:
+    """The folder of shipped models: $CRYSTAL_MODELS, else the installed package's data (a wheel install),
+    else models/ of the source checkout this package runs from (an editable install); None if none exists."""
+    import os
+
+    package = Path(__file__).resolve().parent
+    checkout = package.parent
+    candidates = [Path(os.environ["CRYSTAL_MODELS"])] if os.environ.get("CRYSTAL_MODELS") else []
+    candidates.append(package / SHIPPED_PACKAGE_DIR)
+    if (checkout / "pyproject.toml").is_file():  # never a stray models/ folder beside site-packages
+        candidates.append(checkout / "models")
+    return next((path for path in candidates if path.is_dir()), None)
+
+
+def _is_flow_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not is_run_dir(path) and any(
+        (path / name).is_file() for name in ("model.pt", "checkpoint.pt"))
+
+
+def shipped_names(kind: str) -> list[str]:
+    """Names of the shipped models of one kind (LLM: finetune runs and .gguf files; FLOW: flow runs)."""
+    folder = shipped_dir()
+    if folder is None:
+        return []
+    wanted = (lambda p: is_run_dir(p) or p.suffix == ".gguf") if kind == LLM else _is_flow_dir
+    return sorted(p.stem if p.suffix == ".gguf" else p.name for p in folder.iterdir()
+                  if not p.name.startswith(".") and wanted(p))
+
+
+def resolve_model(spec: str | Path | None, kind: str = LLM) -> str | Path:
+    """The one model resolver: -m/--model as given -> an existing path, a base name (LLM: smollm2-135m,
+    tiny; returned as the string) or a shipped model by name (models/NAME, or models/NAME.gguf for an LLM).
+    None means the kind's shipped default."""
+    from crystal_cli.bases import SMOLLM2, TINY
+
+    if spec is None:
+        spec = DEFAULTS[kind]
+        if spec not in shipped_names(kind):
+            flag = "-m MODEL (.gguf, finetune run directory" if kind == LLM else "--model RUN (flow run directory"
+            raise CrystalError(f"no model given and no shipped {spec!r} installed: pass {flag} or a name in models/)")
+    if kind == LLM and str(spec) in (SMOLLM2, TINY):
+        return str(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    folder = shipped_dir()
+    if folder is not None:
+        for candidate in (folder / str(spec), folder / f"{spec}.gguf") if kind == LLM else (folder / str(spec),):
+            if candidate.exists():
+                return candidate
+    shipped = ", ".join(shipped_names(kind)) or "none installed"
+    if kind == FLOW:
+        raise CrystalError(f"{spec}: no such flow run or shipped model (shipped: {shipped})")
+    raise CrystalError(f"model {str(spec)!r}: no such file or directory, nor a shipped model ({shipped})")
+
+
+def model_fingerprint(source: str | Path) -> str:
+    """Content hash of a resolved model (runs.fingerprint of the file or directory; a base name hashes the
+    base directory it resolves to): what a manifest records so a resume can tell another model apart."""
+    from crystal_cli.bases import resolve_base
+    from crystal_cli.runs import fingerprint
+
+    path = Path(source)
+    return fingerprint(path if path.exists() else resolve_base(str(source)))

@@ -1,7 +1,8 @@
 """Process start-up hygiene shared by the CLI, tests and benchmarks.
 
 Two traps on CPU hosts (see README): hub look-ups that hang offline, and glibc malloc returning memory to
-the OS after every small PyTorch op (up to 20x slower). Both are fixed before heavy imports happen.
+the OS after every small PyTorch op (up to 20x slower). Both are fixed before heavy imports happen. Also here:
+llama.cpp loaded with its logging quieted, which export (quantizing) and sampling both need.
 """
 
 from __future__ import annotations
@@ -30,3 +31,12 @@ def configure_process() -> None:
         return
     libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def quiet_llama_cpp():
+    """The llama_cpp module with llama.cpp's own logging limited to errors (library code never prints)."""
+    import llama_cpp
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)  # llama.cpp logs through Python; keep only errors
+    return llama_cpp

@@ -1,20 +1,22 @@
 """Writing structures and per-item logs the way long jobs need: append-as-you-go, never half-written.
 
 A multi-block CIF is appended one complete block at a time (flushed), so a killed run leaves a valid file of
-what finished; whole-file outputs go through a temporary file and os.replace.
+what finished; whole-file outputs go through runs.atomic_path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 from pymatgen.core import Structure
 from pymatgen.io.cif import CifWriter
+
+from crystal_cli.runs import atomic_path
 
 FORMATS = ("cif", "extxyz", "jsonl")
 
@@ -95,16 +97,13 @@ def write_structures(path: str | Path, named: Iterable[tuple[str, Structure]], f
     return count
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary sibling path that replaces `path` only if the block finishes without error."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def structure_fingerprint(structure: Structure) -> str:
+    """A short content hash of a structure (species, lattice and wrapped coordinates to 1e-6): how a resumed
+    log checks that row i still describes the same input structure."""
+    frac = np.round(np.mod(structure.frac_coords, 1.0), 6) % 1.0 + 0.0  # + 0.0 turns -0.0 into 0.0
+    key = json.dumps([[str(site.specie) for site in structure],
+                      (np.round(structure.lattice.matrix, 6) + 0.0).tolist(), frac.tolist()])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def append_jsonl(handle: IO[str], row: dict) -> None:

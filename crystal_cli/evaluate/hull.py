@@ -26,7 +26,7 @@ from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition
 
 from crystal_cli.errors import CrystalError
-from crystal_cli.structure_io import atomic_path
+from crystal_cli.runs import atomic_path
 
 FORMAT = "crystal-hull"
 VERSION = 1
@@ -176,6 +176,25 @@ def _row_formula(row: dict, formula_column: str | None) -> str | None:
         if match:
             return match.group(1)
     return None
+
+
+def default_tables() -> list[Path]:
+    """The tables `crystal hull build` reads when given none: the near-hull MP-20 parquet and the MP-20 and
+    MPTS-52 csvs of the founders' data (files.shared_data)."""
+    from crystal_cli.files import shared_data
+
+    tables = [shared_data("hull", "mp20_near_hull.parquet")] + sorted(
+        p for folder in ("mp_20", "mpts_52") for p in shared_data(folder).glob("*.csv.gz"))
+    if len(tables) == 1 or not all(p.exists() for p in tables):
+        raise CrystalError(f"no default hull data under {shared_data()} (set CRYSTAL_SHARED_DATA or give TABLES)")
+    return tables
+
+
+def default_elements() -> Path:
+    """MP's elemental reference entries in the founders' data: the frame's zero when none are given."""
+    from crystal_cli.files import shared_data
+
+    return shared_data("hull", "mp_elemental_reference_entries.json.gz")
 
 
 def build_hull(tables: Iterable[str | Path], elemental_references: str | Path, stats: BuildStats | None = None) -> Hull:

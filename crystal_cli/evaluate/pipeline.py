@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from crystal_cli import runs
 from crystal_cli.datasets import Entry, read_structures
 from crystal_cli.errors import CrystalError
 from crystal_cli.evaluate import coverage as coverage_metrics
 from crystal_cli.evaluate import matching, validity
 from crystal_cli.evaluate.potential import CHGNET, RelaxSettings, check_spec
 from crystal_cli.evaluate.stability import StabilityRecord, evaluate_stability, not_relaxed
+from crystal_cli.structure_io import read_jsonl
 
 # progress(stage description, total) -> advance(n); the CLI draws it, tests pass None
 ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
@@ -39,7 +41,8 @@ class EvaluateOptions:
     relax: RelaxSettings = field(default_factory=RelaxSettings)
     seed: int = 0
     workers: int = 1
-    stability_log: Path | None = None  # jsonl of finished relaxations; enables resume
+    stability_log: Path | None = None  # jsonl of finished relaxations (+ NAME.manifest.json beside it)
+    resume: bool = True  # reuse the log's relaxations (same settings only); False: start the log over
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Evaluation:
     timings: dict[str, float] = field(default_factory=dict)
     # structures the distribution plots compare against (density, #elements of the coverage reference)
     reference_properties: dict[str, list[float]] = field(default_factory=dict)
+    adopted_relaxations: int = 0  # rows of a pre-manifest stability log this resume took over unchecked
 
 
 def _quiet(_: str, __: int | None) -> Callable[[int], None]:
@@ -110,6 +114,29 @@ def coverage_reference(path: Path, max_reference: int, seed: int, workers: int,
     return _COVERAGE_REFERENCES[key]
 
 
+# Stability settings a resumed log may change: which entries are relaxed and how many processes relax them
+# (each logged relaxation is reused only for the same input structure), and the samples file itself.
+STABILITY_RESUME_SAFE = ("workers", "stability_samples", "seed", "samples")
+
+
+def stability_run(path: Path, options: EvaluateOptions) -> runs.Start:
+    """The resume rule for the stability log: with options.resume its potential, relaxation settings and hull
+    must match. Without it the old log is discarded, but only when relaxing starts (every input checked)."""
+    log = options.stability_log
+    manifest = runs.Manifest(
+        "evaluate", {"potential": options.potential, "fmax": options.relax.fmax, "steps": options.relax.max_steps,
+                     "relax_cell": options.relax.relax_cell, "time_limit": options.relax.time_limit,
+                     "workers": options.workers, "stability_samples": options.stability_samples, "seed": options.seed},
+        inputs={"samples": runs.input_record(path), "hull": runs.input_record(options.hull),
+                "potential": runs.input_record(options.potential) if Path(options.potential).exists() else None},
+        safe=STABILITY_RESUME_SAFE, outputs=(log.name,),
+    )
+    rows = read_jsonl(log) if options.resume else []
+    unchecked = ["potential", "fmax", "steps", "relax_cell", "time_limit", "hull"]
+    return runs.begin(runs.manifest_path(log), manifest, resume=True, existing=bool(rows), exists_message="",
+                      adopt=lambda: {"rows": len(rows), "unchecked": unchecked})
+
+
 def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | None = None) -> Evaluation:
     """All metrics the options ask for, on every entry under `path`."""
     progress = progress or _quiet
@@ -127,6 +154,7 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
     started = time.monotonic()
     samples = [SampleResult(i, e) for i, e in enumerate(read_samples(path))]
     timed("read", started)
+    run = stability_run(path, options) if options.stability and options.stability_log is not None else None
 
     started = time.monotonic()
     advance = progress("validity", len(samples))
@@ -187,6 +215,12 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
                 samples[index].stability = not_relaxed(index, entry.id, "structurally_invalid", checked.structural_reason)
             else:
                 jobs.append((index, entry.id, entry.structure))
+        if run is not None:
+            if not options.resume:
+                runs.discard(options.stability_log, run.path)
+            options.stability_log.parent.mkdir(parents=True, exist_ok=True)
+            evaluation.adopted_relaxations = run.adopted_rows
+            run.commit()
         records = evaluate_stability(
             jobs, options.potential, options.relax, hull, options.workers, options.stability_log,
             progress("relax", len(jobs)),

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pymatgen.core import Element, Structure
+from pymatgen.core import Structure
+
+from crystal_cli.grammar import ELEMENTS
 
 CHGNET = "chgnet"
-CHGNET_ELEMENTS = frozenset(Element.from_Z(z).symbol for z in range(1, 95))  # its embedding covers H..Pu
+CHGNET_ELEMENTS = frozenset(ELEMENTS)  # its embedding covers H..Pu, exactly the elements crystal's text uses
 MAX_VOLUME_RATIO = 5.0  # a cell that grows or shrinks more than this during relaxation has exploded
 
 

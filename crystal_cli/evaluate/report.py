@@ -5,39 +5,27 @@ count and 95 % Wilson interval, and package versions; plus the per-structure csv
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
-from dataclasses import asdict
-from importlib import metadata
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from crystal_cli import __version__
 from crystal_cli.evaluate.matching import MATCHER_SETTINGS
 from crystal_cli.evaluate.pipeline import EvaluateOptions, Evaluation, SampleResult
 from crystal_cli.evaluate.stability import METASTABLE_THRESHOLD, STABLE_THRESHOLD
 from crystal_cli.evaluate.stats import wilson
 from crystal_cli.evaluate.validity import MIN_DISTANCE, MIN_VOLUME
-from crystal_cli.structure_io import atomic_path, write_structures
+from crystal_cli import runs
+from crystal_cli.runs import atomic_path, package_versions
+from crystal_cli.structure_io import write_structures
 
-PACKAGES = ("pymatgen", "smact", "matminer", "chgnet", "matgl", "torch", "ase", "numpy", "scipy")
 CSV_COLUMNS = (
     "id", "source", "formula", "n_sites", "parse_error", "parse_detail", "structural_valid", "structural_reason",
     "compositional_valid", "compositional_reason", "valid", "unique", "novel", "energy_per_atom",
     "formation_energy_per_atom", "e_above_hull", "metastable", "stable", "sun", "relax_steps", "relax_converged",
     "relax_seconds", "stability_error", "stability_detail", "relaxed_structure",
 )
-
-
-def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"crystal": __version__}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def _rate(k: int, n: int) -> dict:
@@ -50,6 +38,24 @@ def _quantiles(values: list[float]) -> dict | None:
     array = np.array(values)
     return {"mean": float(array.mean()), "median": float(np.median(array)),
             "p10": float(np.quantile(array, 0.1)), "p90": float(np.quantile(array, 0.9)), "n": len(values)}
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Where `crystal evaluate` writes: -o DIR fills in every file; an explicit path wins for its file."""
+
+    report: Path | None
+    csv: Path | None
+    relaxed: Path | None
+    stability_log: Path | None  # the resumable relaxation log; only inside -o DIR
+
+    @classmethod
+    def of(cls, output: Path | None, report: Path | None = None, csv: Path | None = None,
+           relaxed: Path | None = None) -> OutputPaths:
+        if output is None:
+            return cls(report, csv, relaxed, None)
+        return cls(report or output / "report.json", csv or output / "structures.csv",
+                   relaxed or output / "relaxed.cif", output / "stability.jsonl")
 
 
 def settings_of(options: EvaluateOptions, samples_path: Path) -> dict:
@@ -129,9 +135,7 @@ def _stability_section(evaluation: Evaluation, options: EvaluateOptions) -> dict
 def write_json(report: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return path
+    return runs.write_json(path, report)
 
 
 def _csv_row(sample: SampleResult, relaxed_path: Path | None) -> dict:

@@ -2,8 +2,9 @@
 frame, then metastable (E_hull < 0.1 eV/atom, Crystal-LLM), stable (E_hull < 0 with ≥ 2 elements, FlowLLM).
 
 Relaxations run in worker processes, each loading the potential once. Every finished structure is appended to
-a jsonl log (relaxed structure included, as pymatgen's JSON dict), so an interrupted run resumes where it
-stopped. Failures (unsupported element, NaN, explosion, timeout, element missing from the hull) are recorded
+a jsonl log (relaxed structure included, as pymatgen's JSON dict, and a fingerprint of the input structure),
+so an interrupted run resumes where it stopped; a logged relaxation is reused only for the same input
+structure at the same index (the log's manifest, written by pipeline.evaluate, pins potential and settings). Failures (unsupported element, NaN, explosion, timeout, element missing from the hull) are recorded
 with their reason and count as not stable.
 """
 
@@ -19,7 +20,8 @@ from pymatgen.core import Structure
 from crystal_cli.evaluate.hull import ElementNotInHull, Hull
 from crystal_cli.evaluate.parallel import imap_ordered
 from crystal_cli.evaluate.potential import Potential, Relaxation, RelaxSettings, load_potential
-from crystal_cli.structure_io import append_jsonl, atomic_path, read_jsonl
+from crystal_cli.runs import write_jsonl
+from crystal_cli.structure_io import append_jsonl, read_jsonl, structure_fingerprint
 
 METASTABLE_THRESHOLD = 0.1  # eV/atom
 STABLE_THRESHOLD = 0.0
@@ -42,6 +44,7 @@ class StabilityRecord:
     error: str | None
     detail: str
     relaxed: Structure | None
+    input_sha256: str | None = None  # structure_io.structure_fingerprint of what was relaxed (None: not logged)
 
     @property
     def metastable(self) -> bool:
@@ -86,7 +89,8 @@ def _relax_job(job: tuple[int, Structure, RelaxSettings]) -> tuple[int, Relaxati
     return index, _worker_potential.relax(structure, settings)
 
 
-def to_record(index: int, entry_id: str, relaxation: Relaxation, hull: Hull | None) -> StabilityRecord:
+def to_record(index: int, entry_id: str, relaxation: Relaxation, hull: Hull | None,
+              input_sha256: str | None = None) -> StabilityRecord:
     """Put a relaxation's energy into the hull frame and compute E_hull (when there is a hull)."""
     formation = e_hull = None
     error, detail = relaxation.error, relaxation.detail
@@ -102,7 +106,7 @@ def to_record(index: int, entry_id: str, relaxation: Relaxation, hull: Hull | No
             error, e_hull = error or "nan_energy", None
     return StabilityRecord(
         index, entry_id, relaxation.energy_per_atom, formation, e_hull, relaxation.steps, relaxation.converged,
-        relaxation.seconds, error, detail, relaxation.structure,
+        relaxation.seconds, error, detail, relaxation.structure, input_sha256,
     )
 
 
@@ -115,17 +119,18 @@ def evaluate_stability(
     log_path: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[StabilityRecord]:
-    """Relax (index, id, structure) jobs; resumes from `log_path` rows whose index and id match."""
+    """Relax (index, id, structure) jobs; resumes from `log_path` rows of the same index, id and input structure
+    (rows of logs written before fingerprints were kept match by index and id)."""
     done: dict[int, StabilityRecord] = {}
+    keys = {index: structure_fingerprint(structure) for index, _, structure in jobs}
     if log_path is not None:
         wanted = {index: entry_id for index, entry_id, _ in jobs}
         rows = read_jsonl(log_path)
-        with atomic_path(log_path) as tmp, open(tmp, "w") as clean:  # drops a line torn by a kill
-            for row in rows:
-                append_jsonl(clean, row)
+        write_jsonl(log_path, rows)  # drops a line torn by a kill
         for row in rows:
-            if wanted.get(row.get("index")) == row.get("id"):
-                done[row["index"]] = StabilityRecord.from_log(row)
+            index = row.get("index")
+            if wanted.get(index) == row.get("id") and row.get("input_sha256") in (None, keys.get(index)):
+                done[index] = StabilityRecord.from_log(row)
         if progress is not None and done:
             progress(len(done))
     if workers > 1:
@@ -137,7 +142,7 @@ def evaluate_stability(
         for index, relaxation in imap_ordered(
             _relax_job, pending, workers, initializer=_init_worker, initargs=(potential,)
         ):
-            record = to_record(index, ids[index], relaxation, hull)
+            record = to_record(index, ids[index], relaxation, hull, keys[index])
             done[index] = record
             if log is not None:
                 append_jsonl(log, record.to_log())

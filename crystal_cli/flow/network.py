@@ -11,14 +11,17 @@ changes nothing. Outputs: a per-atom coordinate velocity (cell mean removed) and
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch_geometric.nn import MessagePassing
 
 from crystal_cli.flow.manifolds import euclidean_to_lattice, lattice_matrix, remove_mean, torus_log
+from crystal_cli.grammar import MAX_Z
 
 LATTICE_DIM = 6
 
@@ -33,7 +36,7 @@ class FlowNetConfig:
     time_dim: int = 64
     num_rbf: int = 16
     rbf_cutoff: float = 8.0  # Å
-    max_z: int = 103
+    max_z: int = MAX_Z  # element embedding size (the shipped flow-default was trained with 103)
 
 
 @dataclass
@@ -134,6 +137,7 @@ class FlowNet(nn.Module):
     def __init__(self, config: FlowNetConfig):
         super().__init__()
         self.config = config
+        self.source: str | None = None  # the run directory it was loaded from (provenance for manifests)
         h = config.hidden_dim
         self.frac_embedding = SinusoidalEmbedding(config.num_freqs, 3)
         self.register_buffer("rbf_centers", torch.linspace(0.0, config.rbf_cutoff, config.num_rbf), persistent=False)
@@ -155,6 +159,16 @@ class FlowNet(nn.Module):
         self.register_buffer("lattice_std", torch.ones(LATTICE_DIM))
         self.register_buffer("lattice_velocity_scale", torch.ones(LATTICE_DIM))
         self.register_buffer("coord_velocity_scale", torch.ones(()))
+
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """Hex SHA-256 of the configuration and every saved tensor: the network's identity wherever it was
+        loaded from (a refine manifest records it, so a resume can tell another network apart)."""
+        digest = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     @torch.no_grad()
     def set_statistics(

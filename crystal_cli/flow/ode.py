@@ -7,13 +7,14 @@ same crystal, same site order), and the log says so.
 
 Output is a multi-block CIF (or, for a .jsonl output, pymatgen structure dicts, which keep the site order
 exactly: CIF readers re-sort sites by element) appended batch by batch, plus a jsonl with one row per input
-(refined or the reason it was skipped) holding per-step displacement summaries; --resume continues after
-the rows logged.
+(refined or the reason it was skipped, with a fingerprint of the input structure) holding per-step
+displacement summaries, and NAME.manifest.json (crystal_cli.runs: samples, network, steps). --resume accepts
+only the same network and steps and continues after the rows logged; the samples file may have grown (say,
+generate topped up) as long as every logged row is still the same input at the same position.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from pymatgen.core import Structure
 
+from crystal_cli import runs
 from crystal_cli.datasets import Entry, read_structures
 from crystal_cli.errors import CrystalError
 from crystal_cli.flow.manifolds import (
@@ -35,9 +37,9 @@ from crystal_cli.flow.manifolds import (
     torus_exp,
 )
 from crystal_cli.flow.network import Cells, FlowNet
-from crystal_cli.structure_io import StructureAppender, append_jsonl, format_for, read_jsonl
+from crystal_cli.structure_io import StructureAppender, append_jsonl, format_for, read_jsonl, structure_fingerprint
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+RESUME_SAFE = ("batch_size", "samples")  # batching changes no result; logged rows are checked one by one
 
 
 @torch.inference_mode()
@@ -100,18 +102,11 @@ def _lattice_summary(structure: Structure) -> list[float]:
     return [round(x, 4) for x in (*structure.lattice.abc, *structure.lattice.angles)]
 
 
-def resolve_model(name: str | Path) -> Path:
-    """A run directory or a shipped model: an existing path, else models/NAME in this checkout."""
-    path = Path(name)
-    if path.exists():
-        return path
-    shipped = MODELS_DIR / str(name)
-    if shipped.exists():
-        return shipped
-    available = sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.json").exists()) if MODELS_DIR.exists() else []
-    raise CrystalError(
-        f"{name}: no such flow run or shipped model (shipped: {', '.join(available) or 'none'})"
-    )
+def resolve_model(name: str | Path | None) -> Path:
+    """A flow run directory or a shipped flow model by name (models.resolve_model, the one resolver)."""
+    from crystal_cli.models import FLOW, resolve_model as resolve
+
+    return Path(resolve(name, FLOW))
 
 
 def usable(entry: Entry, max_z: int) -> str | None:
@@ -142,11 +137,19 @@ def refine_file(
         raise CrystalError(f"{output}: refine writes .cif or .jsonl, not {fmt}")
     log_path = Path(log_path) if log_path else output.with_suffix(".steps.jsonl")
     entries = list(read_structures(samples))
-    done = _resume_point(output, fmt, log_path) if resume else 0
-    if not resume:
-        output.unlink(missing_ok=True)
-        log_path.unlink(missing_ok=True)
+    rows = read_jsonl(log_path) if resume else []
+    manifest = runs.Manifest(
+        "refine", {"steps": steps, "format": fmt, "batch_size": batch_size},
+        inputs={"samples": runs.input_record(samples), "model": {"path": model.source, "sha256": model.fingerprint()}},
+        safe=RESUME_SAFE, outputs=(output.name, log_path.name),
+    )
+    start = runs.begin(runs.manifest_path(output), manifest, resume=resume, existing=bool(rows), exists_message="",
+                       adopt=lambda: _adopt(log_path, rows, steps))
+    done = _resume_point(output, fmt, log_path, rows, entries, samples) if rows else 0
+    if not rows:  # without --resume (or with nothing to resume) refine starts over
+        runs.discard(output, log_path)
     output.parent.mkdir(parents=True, exist_ok=True)
+    start.commit()
     counts: Counter = Counter()
     if progress:
         progress(len(entries))
@@ -162,13 +165,15 @@ def refine_file(
             batch = [entry.structure for _, entry, reason in pending if reason is None]
             refined = iter(refine_structures(model, batch, steps) if batch else [])
             for index, entry, reason in pending:
+                key = structure_fingerprint(entry.structure) if entry.structure is not None else None
                 if reason is not None:
-                    append_jsonl(log, {"index": index, "id": entry.id, "status": reason, "detail": entry.detail})
+                    append_jsonl(log, {"index": index, "id": entry.id, "input_sha256": key, "status": reason,
+                                       "detail": entry.detail})
                     counts[f"skipped:{reason}"] += 1
                 else:
                     result = next(refined)
                     out.append(result.structure, entry.id)
-                    append_jsonl(log, {"index": index, "id": entry.id, "status": "refined",
+                    append_jsonl(log, {"index": index, "id": entry.id, "input_sha256": key, "status": "refined",
                                        "n_atoms": len(result.structure),
                                        "formula": result.structure.composition.reduced_formula, "steps": steps,
                                        **result.summary})
@@ -202,23 +207,34 @@ def refine_file(
 _RECORD_START = {"cif": re.compile(r"^data_", re.MULTILINE), "jsonl": re.compile(r"^\{", re.MULTILINE)}
 
 
-def _resume_point(output: Path, fmt: str, log_path: Path) -> int:
-    """Inputs already handled. The output is cut back to the refined rows of the log: a structure is written
-    before its log row, so one written just before a kill is dropped and redone."""
-    rows = read_jsonl(log_path)
+def _adopt(log_path: Path, rows: list[dict], steps: int) -> dict:
+    """A step log written before manifests: its refined rows must have been integrated with these steps."""
+    other = next((r for r in rows if r.get("status") == "refined" and r.get("steps") != steps), None)
+    if other is not None:
+        raise CrystalError(f"{log_path}: --resume with --steps {steps}, but row {other.get('index')} "
+                           f"(id {other.get('id')}) was refined with {other.get('steps')}")
+    return {"rows": len(rows), "unchecked": ["model"]}
+
+
+def _resume_point(output: Path, fmt: str, log_path: Path, rows: list[dict], entries: list[Entry],
+                  samples: str | Path) -> int:
+    """Inputs already handled, after checking that every logged row is still the same input (id and
+    structure) at the same position. The output is cut back to the refined rows of the log: a structure is
+    written before its log row, so one written just before a kill is dropped and redone."""
+    for position, row in enumerate(rows):
+        entry = entries[position] if position < len(entries) else None
+        key = row.get("input_sha256")  # absent from pre-manifest logs: those rows are checked by id only
+        if entry is None or row.get("index") != position or row.get("id") != entry.id or (
+                key is not None and (entry.structure is None or structure_fingerprint(entry.structure) != key)):
+            raise CrystalError(f"{log_path}: row {position} (id {row.get('id')}) is not input {position} of {samples} "
+                               "any more; rerun without --resume")
     refined = sum(1 for r in rows if r.get("status") == "refined")
     if output.exists():
         text = output.read_text()
         starts = [m.start() for m in _RECORD_START[fmt].finditer(text)]
         if len(starts) > refined:
-            tmp = output.with_name(f".{output.name}.tmp")
-            tmp.write_text(text[: starts[refined]])
-            os.replace(tmp, output)
+            runs.write_text(output, text[: starts[refined]])
         elif len(starts) < refined:
             raise CrystalError(f"{output}: holds {len(starts)} structures but {log_path} logs {refined}; rerun without --resume")
-    tmp = log_path.with_name(f".{log_path.name}.tmp")
-    with tmp.open("w") as handle:
-        for row in rows:
-            append_jsonl(handle, row)
-    os.replace(tmp, log_path)
+    runs.write_jsonl(log_path, rows)
     return len(rows)

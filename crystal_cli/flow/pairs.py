@@ -10,13 +10,13 @@ translations, and stores c1 reordered and shifted to match c0 site by site.
 
 Pairs are appended to OUTDIR/pairs.jsonl as they are produced and each finished target is logged in
 OUTDIR/progress.jsonl, so an interrupted run resumes where it stopped with identical results (the random
-stream is seeded per target).
+stream is seeded per target). OUTDIR/manifest.json (crystal_cli.runs) pins targets, source and options: a
+resume with others is refused, except a larger --max-targets (more targets) and threads.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +29,7 @@ import torch
 from pymatgen.core import Element, Lattice, Structure
 from scipy.optimize import linear_sum_assignment
 
+from crystal_cli import runs
 from crystal_cli.datasets import read_structures
 from crystal_cli.errors import CrystalError
 from crystal_cli.flow.manifolds import (
@@ -37,12 +38,13 @@ from crystal_cli.flow.manifolds import (
     reduce_if_needed,
     structure_lattice_vector,
 )
+from crystal_cli.grammar import MAX_Z
 from crystal_cli.structure_io import append_jsonl, read_jsonl
 
 PAIRS_FILE = "pairs.jsonl"
 PROGRESS_FILE = "progress.jsonl"
 STATS_FILE = "stats.json"
-MAX_Z = 103  # element embedding size; heavier elements are skipped
+RESUME_SAFE = ("max_targets", "threads")  # targets are seeded one by one: more of them continue the run
 
 
 def target_rng(seed: int, key: str) -> np.random.Generator:
@@ -53,11 +55,10 @@ def target_rng(seed: int, key: str) -> np.random.Generator:
 # ------------------------------------------------------------------------------------------- alignment
 
 
-def periodic_cost(f0: np.ndarray, f1: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """(n0, n1) Cartesian minimum-image distances (Å) between fractional points, in the lattice `matrix`."""
-    delta = f1[None, :, :] - f0[:, None, :]
-    delta -= np.round(delta)
-    return np.linalg.norm(delta @ matrix, axis=-1)
+def periodic_cost(f0: np.ndarray, f1: np.ndarray, lattice: Lattice) -> np.ndarray:
+    """(n0, n1) Cartesian minimum-image distances (Å) between fractional points: pymatgen's exact search over
+    images (rounding fractional differences is not the minimum image in a skewed cell)."""
+    return lattice.get_all_distances(f0, f1)
 
 
 def align_sites(c0: Structure, c1: Structure) -> tuple[np.ndarray, np.ndarray] | None:
@@ -78,7 +79,6 @@ def align_sites(c0: Structure, c1: Structure) -> tuple[np.ndarray, np.ndarray] |
     for j, s in enumerate(species1):
         by_element1[s].append(j)
     f0, f1 = c0.frac_coords, c1.frac_coords
-    matrix = c1.lattice.matrix
     anchor = min(by_element0, key=lambda s: (len(by_element0[s]), s))
     a0 = by_element0[anchor][0]
     shifts = [np.zeros(3)] + [f1[j] - f0[a0] for j in by_element1[anchor]]
@@ -89,7 +89,7 @@ def align_sites(c0: Structure, c1: Structure) -> tuple[np.ndarray, np.ndarray] |
         total = 0.0
         for element, rows in by_element0.items():
             cols = by_element1[element]
-            cost = periodic_cost(f0[rows] + shift, f1[cols], matrix)
+            cost = periodic_cost(f0[rows] + shift, f1[cols], c1.lattice)
             r, c = linear_sum_assignment(cost)
             total += float(cost[r, c].sum())
             order[np.asarray(rows)[r]] = np.asarray(cols)[c]
@@ -118,6 +118,10 @@ class SampleSource(Protocol):
 
     def draw(self, target: Structure, count: int, rng: np.random.Generator) -> list[Structure | str]: ...
 
+    def describe(self) -> tuple[dict, dict]:
+        """(options, inputs) that decide its samples, for the pairs directory's manifest."""
+        ...
+
 
 @dataclass
 class PerturbedSamples:
@@ -140,6 +144,9 @@ class PerturbedSamples:
             order = rng.permutation(len(target))
             out.append(Structure(lattice, [target[int(i)].specie for i in order], frac[order]))
         return out
+
+    def describe(self) -> tuple[dict, dict]:
+        return {"coord_noise": self.coord_noise, "lattice_noise": self.lattice_noise}, {}
 
 
 class FileSamples:
@@ -167,6 +174,9 @@ class FileSamples:
         chosen = rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)
         return [candidates[int(i)] for i in chosen]
 
+    def describe(self) -> tuple[dict, dict]:
+        return {}, {"samples": runs.input_record(self.path)}
+
 
 class LLMSamples:
     """c0 drawn from a GGUF model (llama.cpp; a path, or "smollm2-135m" for the shipped base) prompted with the
@@ -180,17 +190,22 @@ class LLMSamples:
         from crystal_cli.bases import SMOLLM2, smollm2_gguf
         from crystal_cli.sampling.llama_backend import LlamaModel
 
-        self.model = LlamaModel(smollm2_gguf() if str(model) == SMOLLM2 else model, adapter=adapter, threads=threads)
+        self.path = smollm2_gguf() if str(model) == SMOLLM2 else Path(model)
+        self.adapter = adapter
+        self.model = LlamaModel(self.path, adapter=adapter, threads=threads)
         self.temperature, self.top_p, self.parallel, self.threads = temperature, top_p, parallel, threads
+
+    def describe(self) -> tuple[dict, dict]:
+        options = {"temperature": self.temperature, "top_p": self.top_p, "threads": self.threads}
+        return options, {"model": runs.input_record(self.path), "adapter": runs.input_record(self.adapter)}
 
     def draw(self, target: Structure, count: int, rng: np.random.Generator) -> list[Structure | str]:
         from crystal_cli.codec import conditional_prompt, parse_crystal
-        from crystal_cli.grammar import MAX_Z as GRAMMAR_MAX_Z
         from crystal_cli.grammar import FormulaConstraint, crystal_gbnf, element_order, max_new_tokens
         from crystal_cli.sampling.llama_backend import BatchedSampler, Job, SamplingSettings
 
         amounts = target.composition.get_el_amt_dict()
-        if max(Element(el).Z for el in amounts) > GRAMMAR_MAX_Z:
+        if max(Element(el).Z for el in amounts) > MAX_Z:
             return ["element_out_of_range"]
         order = element_order(list(amounts))
         formula = target.composition.reduced_formula
@@ -268,9 +283,15 @@ def build_pairs(
     then with None after each target."""
     outdir = Path(outdir)
     pairs_path, progress_path = outdir / PAIRS_FILE, outdir / PROGRESS_FILE
-    if pairs_path.exists() and not resume:
-        raise CrystalError(f"{outdir}: already holds {PAIRS_FILE}; pass --resume to continue it or choose another -o")
+    source_options, source_inputs = source.describe()
+    manifest = runs.Manifest("flow pairs", {"source": source.name, **asdict(options), **source_options},
+                             inputs={"targets": runs.input_record(targets), **source_inputs}, safe=RESUME_SAFE,
+                             outputs=(PAIRS_FILE, PROGRESS_FILE, STATS_FILE))
+    start = runs.begin(runs.manifest_path(outdir, directory=True), manifest, resume=resume, existing=pairs_path.exists(),
+                       exists_message=f"{outdir}: already holds {PAIRS_FILE}; pass --resume to continue it or choose another -o",
+                       adopt=lambda: _adopt(outdir, source.name, options))
     outdir.mkdir(parents=True, exist_ok=True)
+    start.commit()
     done = _restore(pairs_path, progress_path) if resume else set()
     stats = PairStats(resumed_targets=len(done))
 
@@ -311,10 +332,21 @@ def build_pairs(
         "total_pairs": len(rows),
         "total_targets_done": len(read_jsonl(progress_path)),
     }
-    tmp = outdir / f".{STATS_FILE}.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, outdir / STATS_FILE)
+    runs.write_json(outdir / STATS_FILE, result)
     return result
+
+
+def _adopt(outdir: Path, source: str, options: PairOptions) -> dict:
+    """A pairs directory written before manifests: its stats.json must name the same source and options."""
+    stats_path = outdir / STATS_FILE
+    saved = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    given = {"source": source, **asdict(options)}
+    recorded = {"source": saved.get("source"), **saved.get("options", {})}
+    changed = [f"{k}: {recorded[k]!r} → {v!r}" for k, v in given.items()
+               if k in recorded and k not in RESUME_SAFE and recorded[k] != v]
+    if changed:
+        raise CrystalError(f"{stats_path}: --resume with settings other than the run it continues: {'; '.join(changed)}")
+    return {"rows": len(read_jsonl(outdir / PAIRS_FILE)), "unchecked": ["targets", "source settings"]}
 
 
 def _targets(path: str | Path, options: PairOptions, stats: PairStats) -> Iterator[tuple[str, Structure]]:
@@ -348,12 +380,7 @@ def _restore(pairs_path: Path, progress_path: Path) -> set[str]:
     for path, keep in ((progress_path, lambda r: True), (pairs_path, lambda r: r.get("target_id") in finished)):
         if not path.exists():
             continue
-        rows = [r for r in read_jsonl(path) if keep(r)]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w") as handle:
-            for row in rows:
-                append_jsonl(handle, row)
-        os.replace(tmp, path)
+        runs.write_jsonl(path, [r for r in read_jsonl(path) if keep(r)])
     return finished
 
 
@@ -387,12 +414,18 @@ def pair_from_row(row: dict) -> Pair:
     )
 
 
-def load_pairs(path: str | Path) -> list[Pair]:
-    """Pairs from a pairs directory (its pairs.jsonl) or a pairs jsonl file."""
+def pairs_file(path: str | Path) -> Path:
+    """The pairs jsonl of a pairs directory (its pairs.jsonl) or a pairs jsonl file itself."""
     path = Path(path)
     file = path / PAIRS_FILE if path.is_dir() else path
     if not file.exists():
         raise CrystalError(f"{path}: no {PAIRS_FILE} (build one with `crystal flow pairs`)")
+    return file
+
+
+def load_pairs(path: str | Path) -> list[Pair]:
+    """Pairs from a pairs directory (its pairs.jsonl) or a pairs jsonl file."""
+    file = pairs_file(path)
     pairs = []
     for number, row in enumerate(read_jsonl(file), start=1):
         try:

@@ -4,9 +4,12 @@ For a pair and t ~ U(0, 1): f_t = exp_{f0}(t · log_{f0}(f1)) on the torus, l_t 
 targets are u_f = log_{f0}(f1) with each cell's mean removed and u_l = l1 − l0, and the loss is
 λ_f · mean_atoms ‖v_f − u_f‖² + λ_l · mean_cells ‖v_l − u_l‖² (FlowLLM: λ_f = 200, λ_l = 1).
 
-A run directory holds config.json (the whole configuration, authoritative on --resume), metrics.jsonl
+A run directory holds config.json (the whole configuration, authoritative on --resume), manifest.json
+(crystal_cli.runs: the pairs' content hash, the flattened configuration, versions), metrics.jsonl
 (append-only), checkpoint.pt (model, EMA, optimizer, schedule, random streams: resuming reproduces an
 uninterrupted run exactly) and, when training ends, model.pt (EMA weights) which `crystal refine` loads.
+A resume with other pairs or another configuration is refused, except how often it logs, evaluates and
+checkpoints.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -22,16 +24,18 @@ from pathlib import Path
 
 import torch
 
+from crystal_cli import runs
 from crystal_cli.errors import CrystalError
 from crystal_cli.flow.manifolds import remove_mean, torus_geodesic, torus_log
 from crystal_cli.flow.network import Cells, FlowNet, FlowNetConfig
-from crystal_cli.flow.pairs import Pair, load_pairs, split_pairs
+from crystal_cli.flow.pairs import Pair, load_pairs, pairs_file, split_pairs
 from crystal_cli.structure_io import append_jsonl, read_jsonl
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
+RESUME_SAFE = ("train.log_every", "train.checkpoint_every", "train.eval_every")  # change no trained weight
 
 
 @dataclass
@@ -71,6 +75,11 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return {"pairs": self.pairs, "model": asdict(self.model), "train": asdict(self.train)}
+
+    def flat(self) -> dict:
+        """Every setting but the pairs path as "section.key" (what a manifest compares)."""
+        return {f"{section}.{key}": value for section in ("model", "train")
+                for key, value in self.to_dict()[section].items()}
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> RunConfig:
@@ -181,12 +190,18 @@ def train(
     after every step. Returns a summary (steps, final metrics, paths)."""
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / CHECKPOINT_FILE
+    saved = None
     if resume:
         if not checkpoint_path.exists():
             raise CrystalError(f"{run_dir}: nothing to resume (no {CHECKPOINT_FILE})")
-        config = RunConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text()), str(run_dir / CONFIG_FILE))
-    elif checkpoint_path.exists() or (run_dir / MODEL_FILE).exists():
-        raise CrystalError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another -o")
+        saved = saved_config(run_dir)
+        config = config or saved
+    manifest = runs.Manifest("flow train", config.flat(), inputs={"pairs": runs.input_record(pairs_file(config.pairs))},
+                             safe=RESUME_SAFE, outputs=(CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_FILE))
+    start = runs.begin(runs.manifest_path(run_dir, directory=True), manifest, resume=resume,
+                       existing=checkpoint_path.exists() or (run_dir / MODEL_FILE).exists(),
+                       exists_message=f"{run_dir}: already holds a run; pass --resume to continue it or choose another -o",
+                       adopt=lambda: _adopt(run_dir, saved, config))
     tc = config.train
     pairs = load_pairs(config.pairs)
     train_pairs, val_pairs = split_pairs(pairs, tc.val_fraction, tc.seed)
@@ -211,8 +226,9 @@ def train(
         _truncate_metrics(run_dir / METRICS_FILE, step)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
         _truncate_metrics(run_dir / METRICS_FILE, 0)  # a run killed before its first checkpoint starts over
+    runs.write_json(run_dir / CONFIG_FILE, config.to_dict())
+    start.commit()
 
     window = {"loss": 0.0, "loss_f": 0.0, "loss_l": 0.0, "grad_norm": 0.0}
     window_steps, window_start = 0, time.perf_counter()
@@ -282,21 +298,40 @@ def _save_checkpoint(path: Path, step: int, model, ema, optimizer, schedule, gen
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with runs.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    runs.write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step])
+
+
+def saved_config(run_dir: str | Path) -> RunConfig:
+    """The configuration a run directory was started with (its config.json)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CrystalError(f"{run_dir}: not a flow run (no {CONFIG_FILE})")
+    return RunConfig.from_dict(json.loads(path.read_text()), str(path))
+
+
+def resumed_config(run_dir: str | Path, data: dict, where: str) -> RunConfig:
+    """The saved configuration with a recipe's and the flags' values laid over it (a resume names only what it
+    means to keep or change; train() then refuses any change that is not safe)."""
+    saved = saved_config(run_dir).to_dict()
+    merged = {"pairs": data.get("pairs", saved["pairs"]),
+              **{section: {**saved[section], **data.get(section, {})} for section in ("model", "train")}}
+    return RunConfig.from_dict(merged, where)
+
+
+def _adopt(run_dir: Path, saved: RunConfig, given: RunConfig) -> dict:
+    """A run started before manifests: its config.json must hold the given configuration."""
+    legacy = runs.Manifest("flow train", saved.flat(), safe=RESUME_SAFE)
+    changed = runs.differences(legacy, runs.Manifest("flow train", given.flat(), safe=RESUME_SAFE))
+    if changed:
+        raise CrystalError(f"{run_dir / CONFIG_FILE}: --resume with settings other than the run it continues: "
+                           + "; ".join(changed))
+    return {"rows": 0, "unchecked": ["pairs"]}
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -318,4 +353,5 @@ def load_model(run: str | Path) -> FlowNet:
     else:
         raise CrystalError(f"{run}: no {MODEL_FILE} or {CHECKPOINT_FILE}")
     model.load_state_dict(state)
+    model.source = str(run.resolve())
     return model.eval()

@@ -1,32 +1,37 @@
 """`crystal generate`: conditions -> prompt + grammar -> a backend's samples -> CIF/extxyz + jsonl, as they finish.
 
 The jsonl sidecar is the record of the run (one row per sample: id, index, prompt, text, parse status with
-the codec's failure reason, seconds, seed, tokens); the structure file holds the samples that parsed. Rows are
-appended the moment a sample finishes, so a killed run keeps what it finished; `resume` rebuilds the
-structure file from the sidecar (atomically) and draws only the missing sample indices, each seeded by
-(seed, index), so nothing is duplicated.
+the codec's failure reason, seconds, seed, tokens, and the model, quant, backend and sampling settings that
+drew it); the structure file holds the samples that parsed; NAME.manifest.json (crystal_cli.runs) the run's
+inputs and settings. Rows are appended the moment a sample finishes, so a killed run keeps what it finished;
+`resume` accepts only the same settings (a larger -n tops the run up), rebuilds the structure file from the
+sidecar (atomically) and draws only the missing sample indices, each seeded by (seed, index), so nothing is
+duplicated. Infill is resumable the same way: per input structure, the missing ranks are appended.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from crystal_cli import codec
+from crystal_cli import codec, runs
 from crystal_cli.errors import CrystalError
 from crystal_cli.export import QUANTS
 from crystal_cli.grammar import ELEMENTS, crystal_gbnf, formula_constraint, max_new_tokens
+from crystal_cli.models import LLM, model_fingerprint, resolve_model
 from crystal_cli.sampling.llama_backend import Finished, Job, SamplingSettings, job_seed
 from crystal_cli.structure_io import FORMATS, StructureAppender, append_jsonl, read_jsonl, write_structures
 
 BACKENDS = ("llama", "transformers")
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-DEFAULT_MODEL = "default"  # models/default (a run directory or default.gguf) once one ships
+# Options a resumed run may change: how many samples, how many decode at once, threads. Every other option
+# changes what a sample is, so resuming with another value is refused (crystal_cli.runs).
+RESUME_SAFE = ("n", "parallel", "threads")
+_NOT_OPTIONS = ("output", "model", "adapter", "infill", "resume")  # inputs (hashed) or how the run is invoked
 
 
 @dataclass
@@ -65,6 +70,7 @@ class GenerateSummary:
     tokens: int = 0
     seconds: float = 0.0
     rankings: list[dict] = field(default_factory=list)  # infill: per input structure, ranked candidates
+    adopted: int = 0  # rows of a pre-manifest sidecar this resume took over (their model was never recorded)
 
     @property
     def parse_rate(self) -> float:
@@ -130,38 +136,18 @@ def prompt_and_grammar(options: GenerateOptions) -> tuple[str, str | None]:
 # ------------------------------------------------------------------------------------------- models
 
 
-def resolve_model(spec: str | None) -> str | Path:
-    """-m value -> a .gguf path, a run directory, a base spec; shipped names are looked up in models/."""
-    from crystal_cli.bases import SMOLLM2, TINY
-
-    if spec is None:
-        spec = DEFAULT_MODEL
-        if not any(MODELS_DIR.glob(f"{DEFAULT_MODEL}*")):
-            raise CrystalError("no model given: pass -m MODEL (.gguf, finetune run directory or a name in models/)")
-    if spec in (SMOLLM2, TINY):
-        return spec
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    for candidate in (MODELS_DIR / spec, MODELS_DIR / f"{spec}.gguf"):
-        if candidate.exists():
-            return candidate
-    shipped = sorted(p.stem for p in MODELS_DIR.iterdir() if not p.name.startswith(".")) if MODELS_DIR.is_dir() else []
-    raise CrystalError(f"model {spec!r}: no such file or directory, nor a shipped model ({', '.join(shipped) or 'none yet'})")
-
-
 class _LlamaBackend:
-    def __init__(self, options: GenerateOptions, settings: SamplingSettings, gbnf: str | None):
-        from crystal_cli.export import cached_export, check_gguf_model
+    def __init__(self, options: GenerateOptions, source: str | Path, settings: SamplingSettings, gbnf: str | None):
+        from crystal_cli.export import cached_export, check_gguf_model, gguf_quant, resolve_quant
         from crystal_cli.sampling.llama_backend import BatchedSampler, LlamaModel
 
-        source = resolve_model(options.model)
         if isinstance(source, Path) and source.suffix == ".gguf":
             if check_gguf_model(source) == "adapter":
                 raise CrystalError(f"{source}: a LoRA adapter, not a model; pass it with --adapter and the base with -m")
-            gguf = source
+            gguf, self.quant = source, gguf_quant(source)
         else:
-            gguf = cached_export(source, options.quant)
+            self.quant = resolve_quant(source, options.quant)
+            gguf = cached_export(source, self.quant)
         if options.adapter is not None and check_gguf_model(options.adapter) != "adapter":
             raise CrystalError(f"{options.adapter}: not a GGUF LoRA adapter (crystal export --adapter-only)")
         self.model = LlamaModel(gguf, options.adapter, options.threads)
@@ -185,14 +171,15 @@ class _LlamaBackend:
 
 
 class _TransformersBackend:
-    def __init__(self, options: GenerateOptions, settings: SamplingSettings, gbnf: str | None):
+    quant = "f32"  # the merged model runs in float32
+
+    def __init__(self, options: GenerateOptions, source: str | Path, settings: SamplingSettings, gbnf: str | None):
         from crystal_cli.bases import smollm2_gguf, source_gguf
         from crystal_cli.models import load_trained, model_dir
         from crystal_cli.sampling.hf_backend import HFSampler, load_vocab_grammar
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the CLI draws its own progress
-        source = resolve_model(options.model)
         if options.adapter is not None:
             raise CrystalError("--adapter (a GGUF LoRA) needs --backend llama")
         base_dir = model_dir(source)
@@ -224,7 +211,7 @@ class _TransformersBackend:
             self.vocab_model.close()
 
 
-def open_backend(options: GenerateOptions, gbnf: str | None):
+def open_backend(options: GenerateOptions, source: str | Path, gbnf: str | None):
     settings = SamplingSettings(
         temperature=options.temperature,
         top_p=options.top_p,
@@ -233,23 +220,52 @@ def open_backend(options: GenerateOptions, gbnf: str | None):
         threads=options.threads,
     )
     backend = _LlamaBackend if options.backend == "llama" else _TransformersBackend
-    return backend(options, settings, gbnf)
+    return backend(options, source, settings, gbnf)
+
+
+# -------------------------------------------------------------------------------------- the run record
+
+
+_DEFAULTS = {f.name: f.default for f in fields(GenerateOptions) if f.default is not MISSING}
+
+
+def _model_inputs(source: str | Path, options: GenerateOptions) -> dict[str, dict | None]:
+    """The manifest's model inputs: the resolved model (a base name is kept as its name) and the adapter."""
+    path = str(source) if isinstance(source, str) else str(Path(source).resolve())
+    return {"model": {"path": path, "sha256": model_fingerprint(source)}, "adapter": runs.input_record(options.adapter)}
+
+
+def _begin(stage: str, options: GenerateOptions, sidecar: Path, rows: list[dict], manifest_options: dict,
+           inputs: dict, what: str, adopt: Callable[[], dict]) -> runs.Start:
+    """The resume rule for a generate or infill output (its manifest beside it)."""
+    outputs = tuple(dict.fromkeys((options.output.name, sidecar.name)))
+    manifest = runs.Manifest(stage, manifest_options, inputs=inputs, safe=RESUME_SAFE, outputs=outputs)
+    return runs.begin(runs.manifest_path(options.output), manifest, resume=options.resume, existing=bool(rows),
+                      exists_message=f"{sidecar} already holds {len(rows)} {what}: pass --resume to top it up, or remove it",
+                      adopt=adopt, defaults=_DEFAULTS)
+
+
+def _provenance(options: GenerateOptions, inputs: dict, quant: str) -> dict:
+    """What every sidecar row records about how it was drawn (the run's manifest holds the rest)."""
+    return {"model": inputs["model"]["path"], "model_sha256": inputs["model"]["sha256"], "quant": quant,
+            "backend": options.backend, "temperature": options.temperature, "top_p": options.top_p,
+            "max_atoms": options.max_atoms, "run_seed": options.seed}
+
+
+def _adopt_samples(sidecar: Path, rows: list[dict], prompt: str, seed: int) -> dict:
+    """A sidecar written before manifests: its rows must hold this prompt and the seeds (seed, index) gives."""
+    for row in rows:
+        if row.get("prompt") != prompt:
+            raise CrystalError(f"{sidecar}: --resume with different conditions than the existing samples (row id {row.get('id')})")
+        if "index" in row and row.get("seed") != job_seed(seed, int(row["index"])):
+            raise CrystalError(f"{sidecar}: --resume with --seed {seed}, but its samples were drawn with another seed "
+                               f"(row id {row.get('id')})")
+    return {"rows": len(rows), "unchecked": ["model", "quant", "backend", "temperature", "top_p", "max_atoms", "grammar"]}
 
 
 # ----------------------------------------------------------------------------------------- generate
 
-
-def _existing_rows(sidecar: Path, resume: bool, prompt: str) -> list[dict]:
-    rows = read_jsonl(sidecar)
-    if rows and not resume:
-        raise CrystalError(f"{sidecar} already holds {len(rows)} samples: pass --resume to top it up, or remove it")
-    mismatched = [r for r in rows if r.get("prompt") != prompt]
-    if mismatched:
-        raise CrystalError(f"{sidecar}: --resume with different conditions than the existing samples (row id {mismatched[0].get('id')})")
-    return rows
-
-
-def _row(finished: Finished, name: str, prompt: str) -> tuple[dict, object]:
+def _row(finished: Finished, name: str, prompt: str, provenance: dict) -> tuple[dict, object]:
     parsed = codec.parse_crystal(finished.text)
     detail = parsed.detail if parsed.reason else ""
     if not finished.ended:
@@ -264,6 +280,7 @@ def _row(finished: Finished, name: str, prompt: str) -> tuple[dict, object]:
         "seconds": round(finished.seconds, 3),
         "seed": finished.seed,
         "tokens": finished.tokens,
+        **provenance,
     }
     return row, parsed.structure
 
@@ -275,15 +292,22 @@ def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummar
         return infill(options, on_sample)
     prompt, gbnf = prompt_and_grammar(options)
     sidecar, fmt = output_paths(options.output, options.fmt)
-    rows = _existing_rows(sidecar, options.resume, prompt)
+    source = resolve_model(options.model, LLM)
+    inputs = _model_inputs(source, options)
+    manifest_options = {k: v for k, v in asdict(options).items() if k not in _NOT_OPTIONS} | {"prompt": prompt}
+    rows = read_jsonl(sidecar)
+    start = _begin("generate", options, sidecar, rows, manifest_options, inputs, "samples",
+                   lambda: _adopt_samples(sidecar, rows, prompt, options.seed))
     done = {int(r["index"]) for r in rows if "index" in r}
-    summary = GenerateSummary(options.output, sidecar, options.n, existing=len(done))
+    summary = GenerateSummary(options.output, sidecar, options.n, existing=len(done), adopted=start.adopted_rows)
     jobs = [Job(i, job_seed(options.seed, i)) for i in range(options.n) if i not in done]
     if not jobs:
         return summary
-    backend = open_backend(options, gbnf)  # loads (or exports) before any output file is touched
+    backend = open_backend(options, source, gbnf)  # loads (or exports) before any output file is touched
+    provenance = _provenance(options, inputs, backend.quant)
     stem = options.output.stem
     try:
+        start.commit()
         if fmt != "jsonl" and rows:
             _rebuild_structures(options.output, fmt, rows)
         appender = StructureAppender(options.output, fmt) if fmt != "jsonl" else None
@@ -291,7 +315,7 @@ def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummar
         with sidecar.open("a") as log:
             try:
                 for finished in backend.run(prompt, jobs):
-                    row, structure = _row(finished, f"{stem}-{finished.index:05d}", prompt)
+                    row, structure = _row(finished, f"{stem}-{finished.index:05d}", prompt, provenance)
                     append_jsonl(log, row)
                     if appender is not None and structure is not None:
                         appender.append(structure, row["id"])
@@ -330,9 +354,19 @@ def _rebuild_structures(output: Path, fmt: str, rows: list[dict]) -> None:
 # -------------------------------------------------------------------------------------------- infill
 
 
+def _adopt_substitutions(sidecar: Path, rows: list[dict], mask: str) -> dict:
+    """An infill sidecar written before manifests: its rows must replace the same element."""
+    other = next((r for r in rows if r.get("mask") != mask), None)
+    if other is not None:
+        raise CrystalError(f"{sidecar}: --resume with --mask {mask}, but its rows replace {other.get('mask')} "
+                           f"(row id {other.get('id')})")
+    return {"rows": len(rows), "unchecked": ["model", "quant", "backend"]}
+
+
 def infill(options: GenerateOptions, on_sample=None) -> GenerateSummary:
     """For each structure in options.infill holding options.mask: every element ranked by P(element | masked
-    crystal); the top n substitutions are written like samples (structure file + sidecar)."""
+    crystal); the top n substitutions are written like samples (structure file + sidecar). A resumed run with
+    a larger n appends, per structure, the next-ranked elements it has not written yet."""
     from pymatgen.core import Element
 
     from crystal_cli.datasets import read_structures
@@ -346,17 +380,34 @@ def infill(options: GenerateOptions, on_sample=None) -> GenerateSummary:
     if not targets:
         raise CrystalError(f"{options.infill}: no readable structure contains {options.mask}")
     sidecar, fmt = output_paths(options.output, options.fmt)
-    if read_jsonl(sidecar) and not options.resume:
-        raise CrystalError(f"{sidecar} already exists: remove it first")
+    source = resolve_model(options.model, LLM)
+    inputs = _model_inputs(source, options) | {"infill": runs.input_record(options.infill)}
+    manifest_options = {k: getattr(options, k) for k in ("mask", "backend", "quant", "fmt", *RESUME_SAFE)}
+    rows = read_jsonl(sidecar)
+    start = _begin("infill", options, sidecar, rows, manifest_options, inputs, "substitutions",
+                   lambda: _adopt_substitutions(sidecar, rows, options.mask))
+    written: dict[str, list[str]] = defaultdict(list)  # input id -> elements already written, in rank order
+    for row in rows:
+        written[row["source_id"]].append(row["element"])
+    summary = GenerateSummary(options.output, sidecar, options.n, existing=len(rows), adopted=start.adopted_rows)
+    todo = [e for e in targets if len(written[e.id]) < options.n]
+    if not todo:
+        return summary
     candidates = [el for el in ELEMENTS if el != options.mask]
-    backend = open_backend(options, None)
-    summary = GenerateSummary(options.output, sidecar, options.n)
+    backend = open_backend(options, source, None)
+    provenance = {k: v for k, v in _provenance(options, inputs, backend.quant).items()
+                  if k in ("model", "model_sha256", "quant", "backend")}
     started = time.perf_counter()
     try:
+        start.commit()
+        by_id = {e.id: e for e in targets}
+        if fmt != "jsonl" and rows:  # remade from the sidecar and the inputs: exactly what a fresh run wrote
+            write_structures(options.output, [(r["id"], _substituted(by_id[r["source_id"]], r["mask"], r["element"]))
+                                              for r in rows if r.get("source_id") in by_id], fmt)
         candidate_tokens = [backend.tokenize(el) for el in candidates]
-        appender = StructureAppender(options.output, fmt, mode="w") if fmt != "jsonl" else None
-        with sidecar.open("w") as log:
-            for entry in targets:
+        appender = StructureAppender(options.output, fmt, mode="a" if rows else "w") if fmt != "jsonl" else None
+        with sidecar.open("a" if rows else "w") as log:
+            for entry in todo:
                 prompt = codec.infill_prompt(entry.structure, options.mask)
                 scores = np.array(backend.score(prompt, candidate_tokens))
                 probabilities = np.exp(scores - scores.max())
@@ -365,23 +416,29 @@ def infill(options: GenerateOptions, on_sample=None) -> GenerateSummary:
                 summary.rankings.append(
                     {"id": entry.id, "ranked": [(candidates[i], float(probabilities[i])) for i in order[: max(options.n, 5)]]}
                 )
-                for rank, i in enumerate(order[: options.n], start=1):
-                    substituted = entry.structure.copy()
-                    substituted.replace_species({options.mask: candidates[i]})
+                done = written[entry.id]
+                for i in order:
+                    if len(done) >= options.n:
+                        break
+                    if candidates[i] in done:
+                        continue
+                    substituted = _substituted(entry, options.mask, candidates[i])
                     row = {
                         "id": f"{entry.id}-{options.mask}-to-{candidates[i]}",
                         "source_id": entry.id,
                         "mask": options.mask,
                         "element": candidates[i],
                         "probability": float(probabilities[i]),
-                        "rank": rank,
+                        "rank": len(done) + 1,
                         "prompt": prompt,
                         "text": codec.encode_structure(substituted),
                         "status": "ok",
                         "detail": "",
                         "seconds": round(time.perf_counter() - started, 3),
+                        **provenance,
                     }
                     append_jsonl(log, row)
+                    done.append(candidates[i])
                     if appender is not None:
                         appender.append(substituted, row["id"])
                     _count(summary, row, started)
@@ -392,3 +449,10 @@ def infill(options: GenerateOptions, on_sample=None) -> GenerateSummary:
     finally:
         backend.close()
     return summary
+
+
+def _substituted(entry, mask: str, element: str):
+    """The input structure with every `mask` site replaced by `element`."""
+    structure = entry.structure.copy()
+    structure.replace_species({mask: element})
+    return structure

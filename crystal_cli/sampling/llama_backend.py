@@ -32,15 +32,7 @@ import numpy as np
 
 from crystal_cli.errors import CrystalError
 from crystal_cli.grammar import CandidateArray, GrammarEngine, crystal_shortlist
-
-
-def quiet_llama_cpp():
-    """The llama_cpp module with llama.cpp's own logging limited to errors (library code never prints)."""
-    import llama_cpp
-    from llama_cpp._logger import set_verbose
-
-    set_verbose(False)  # llama.cpp logs through Python; keep only errors
-    return llama_cpp
+from crystal_cli.runtime import quiet_llama_cpp
 
 
 @dataclass(frozen=True)
