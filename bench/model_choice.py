@@ -47,7 +47,7 @@ def train(recipes: list[Path], out: Path, minutes: float, threads: int) -> dict[
     while running:
         pid, status, usage = os.wait4(-1, 0)
         name = running.pop(pid)
-        if os.waitstatus_to_exitcode(status) != 0:
+        if os.waitstatus_to_exitcode(status) not in (0, 130):  # 130: interrupted, its checkpoint saved
             raise SystemExit(f"pilot {name} failed: see {out / name}.log")
         cpu[name] = usage.ru_utime + usage.ru_stime
     return cpu
@@ -89,7 +89,7 @@ def score(sidecar: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", type=Path, default=sorted((REPO / "training" / "pilots").glob("*.toml")))
-    parser.add_argument("--minutes", type=float, default=20.0, help="training time per pilot")
+    parser.add_argument("--minutes", type=float, default=20.0, help="training time per pilot; 0: score the runs as they are")
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per pilot (they run at once)")
@@ -99,7 +99,7 @@ def main() -> None:
     from rich.table import Table
 
     args.out.mkdir(parents=True, exist_ok=True)
-    cpu = train(args.recipes, args.out, args.minutes, args.threads)
+    cpu = train(args.recipes, args.out, args.minutes, args.threads) if args.minutes > 0 else {}
     results = []
     for recipe in args.recipes:
         run = args.out / recipe.stem
@@ -107,7 +107,7 @@ def main() -> None:
         val = [m for m in metrics if "val_loss" in m]
         summary = json.loads((run / "summary.json").read_text())
         result = {"recipe": recipe.stem, "run": str(run), "steps": summary["steps"], "examples": summary["examples"],
-                  "train_wall_s": summary["wall_s"], "train_cpu_s_this_call": cpu[recipe.stem],
+                  "train_wall_s": summary["wall_s"], "train_cpu_s_this_call": cpu.get(recipe.stem),
                   "val_loss": val[-1]["val_loss"], "val_curve": [(m["step"], m["val_loss"]) for m in val],
                   "trainable_params": summary["counts"]["trainable_params"]}
         result |= score(sample(run, args.samples, args.temperature))
@@ -121,7 +121,7 @@ def main() -> None:
     for r in results:
         ci = r["structural_ci"]
         table.add_row(r["recipe"], f"{r['trainable_params']:,}", str(r["steps"]), f"{r['examples']:,}",
-                      f"{r['train_wall_s']:.0f}", f"{r['train_cpu_s_this_call']:.0f}", f"{r['val_loss']:.4f}",
+                      f"{r['train_wall_s']:.0f}", "—" if r["train_cpu_s_this_call"] is None else f"{r['train_cpu_s_this_call']:.0f}", f"{r['val_loss']:.4f}",
                       f"{r['structural']:.0%} ({ci[0]:.0%}–{ci[1]:.0%})", f"{r['compositional']:.0%}")
     Console(width=160).print(table)
     (args.out / "model-choice.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -8,6 +8,7 @@ warm-up steps, then times N optimizer steps of the loss `crystal finetune` compu
 * today:        crystal_cli.finetune.completion_nll (lm_head on completion positions only), fp32
 * + crystal vocab: the softmax over the grammar's crystal tokens only (train.loss_vocab = "crystal")
 * + bf16:       bf16 autocast, only where the CPU multiplies bf16 natively (avx512_bf16 / AMX)
+* + bf16 weights: the frozen base held in bf16 (no cast of every weight at every step; LoRA stays fp32)
 * + 1 thread:   the same on one torch thread (a second process would take the other core)
 * candidate models at the best setting: SmolLM2-135M cut to its first 12 layers (LoRA and full), and a
   Llama trained from scratch (scratch-384x8), all with SmolLM2's tokenizer.
@@ -43,6 +44,8 @@ ROWS = {  # name -> settings; later rows add one change to the row before
     "today": LORA_135M | {"loop": "crystal", "vocab": "full", "precision": "fp32", "threads": 0},
     "+ crystal vocab": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "fp32", "threads": 0},
     "+ bf16": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0},
+    "+ bf16 weights": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
+                                   "weights": "bf16"},
     "+ 1 thread": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 1},
     "135M:12 LoRA": {"base": "smollm2-135m:12", "method": "lora", "loop": "crystal", "vocab": "crystal",
                                    "precision": "bf16", "threads": 0},
@@ -108,7 +111,8 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
     from crystal_cli.models import load_base
 
     torch.manual_seed(0)
-    net, tokenizer = load_base(resolve_base(settings["base"]), "cpu", torch.float32)
+    frozen = torch.bfloat16 if settings.get("weights") == "bf16" and settings["precision"] == "bf16" else torch.float32
+    net, tokenizer = load_base(resolve_base(settings["base"]), "cpu", frozen)
     model = net
     if settings["method"] == "lora":
         model = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=ALL_LINEAR,

@@ -80,21 +80,21 @@ def smollm2_gguf() -> Path:
 def smollm2_tokenizer() -> Path:
     """Directory of SmolLM2's fixed fast tokenizer (cached apart: building it from the GGUF takes ~20 s,
     and the tiny base and tokenizer tests need it without the 500 MB model)."""
-    return _cached(f"{SMOLLM2}-tokenizer", lambda out: _save_tokenizer(smollm2_gguf(), out))
+    return cached(f"{SMOLLM2}-tokenizer", lambda out: _save_tokenizer(smollm2_gguf(), out))
 
 
 def resolve_base(spec: str | Path | None) -> Path:
     """`--base` value -> a transformers model directory (config.json, model.safetensors, tokenizer)."""
     if spec is None or str(spec) == SMOLLM2:
-        return _cached(SMOLLM2, lambda out: _convert_gguf(smollm2_gguf(), out, smollm2_tokenizer()))
+        return cached(SMOLLM2, lambda out: _convert_gguf(smollm2_gguf(), out, smollm2_tokenizer()))
     if str(spec) == TINY:
-        return _cached(TINY, lambda out: _build_random(out, TINY_SHAPE))
+        return cached(TINY, lambda out: _build_random(out, TINY_SHAPE))
     if match := SCRATCH.fullmatch(str(spec)):
-        return _cached(str(spec), lambda out: _build_random(out, scratch_shape(int(match[1]), int(match[2]))))
+        return cached(str(spec), lambda out: _build_random(out, scratch_shape(int(match[1]), int(match[2]))))
     if (match := TRUNCATED.fullmatch(str(spec))) and not Path(spec).expanduser().exists():
         source, layers = resolve_base(match[1]), int(match[2])
         where = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]
-        return _cached(f"{source.name}-{where}-first{layers}", lambda out: _truncate(source, layers, out))
+        return cached(f"{source.name}-{where}-first{layers}", lambda out: _truncate(source, layers, out))
     path = Path(spec).expanduser()
     if not path.exists():
         raise CrystalError(f"base {str(spec)!r}: not a known base ({SMOLLM2}, {TINY}) nor an existing path")
@@ -102,7 +102,7 @@ def resolve_base(spec: str | Path | None) -> Path:
         if path.suffix != ".gguf":
             raise CrystalError(f"base {path}: a file base must be a .gguf model")
         name = f"gguf-{path.stem}-{sha256_file(path)[:16]}"
-        return _cached(name, lambda out: _convert_gguf(path, out))
+        return cached(name, lambda out: _convert_gguf(path, out))
     return validate_hf_dir(path)
 
 
@@ -125,12 +125,14 @@ def validate_hf_dir(path: Path) -> Path:
 
 
 def source_gguf(base_dir: str | Path) -> Path | None:
-    """The GGUF a cached base was built from (its tokenizer metadata is what llama.cpp exports reuse)."""
+    """The GGUF a cached base was built from (its tokenizer metadata is what llama.cpp exports reuse);
+    None when unrecorded or not on this machine (a shipped model records the path of the machine that
+    trained it), and callers fall back to SmolLM2's, the tokenizer of every base crystal builds."""
     provenance = Path(base_dir) / PROVENANCE
     if not provenance.is_file():
         return None
     source = json.loads(provenance.read_text()).get("tokenizer_gguf")
-    return Path(source) if source else None
+    return Path(source) if source and Path(source).is_file() else None
 
 
 # ------------------------------------------------------------------------------------------- the cache
@@ -147,7 +149,7 @@ def _locked(lock_file: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _cached(name: str, build: Callable[[Path], dict]) -> Path:
+def cached(name: str, build: Callable[[Path], dict]) -> Path:
     """cache_dir()/bases/NAME, built once by `build(tmp_dir) -> provenance` and renamed into place."""
     bases = cache_dir() / "bases"
     final = bases / name

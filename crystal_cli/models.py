@@ -21,6 +21,10 @@ from crystal_cli.errors import CrystalError
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
+# In a shipped whole model (training/ship.py): the tensors that differ from the run's base, with an
+# embedding stored as its changed rows (NAME.rows + NAME.ids): a model trained from scratch uses a few
+# thousand of its 49,152 token rows, the rest stay the seeded initialisation the base rebuilds anyway.
+DELTA = "crystal-delta.safetensors"
 
 
 def load_base(base_dir: Path, device, dtype):
@@ -59,6 +63,8 @@ def load_run(run_dir: str | Path) -> RunInfo:
         raise CrystalError(f"{run_dir}: not a crystal finetune run (no config.json)")
     config = json.loads(config_file.read_text())
     whole, adapter_dir = run_dir / MODEL_DIR, run_dir / ADAPTER_DIR
+    if (whole / DELTA).is_file():
+        return RunInfo(base_dir=_materialized(whole, config["base_spec"]), adapter_dir=None, config=config)
     if (whole / "config.json").is_file():
         return RunInfo(base_dir=whole.resolve(), adapter_dir=None, config=config)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -67,6 +73,38 @@ def load_run(run_dir: str | Path) -> RunInfo:
     if not (base_dir / "config.json").is_file():
         base_dir = resolve_base(config["base_spec"])
     return RunInfo(base_dir=base_dir, adapter_dir=adapter_dir.resolve(), config=config)
+
+
+def _materialized(whole: Path, base_spec: str) -> Path:
+    """The transformers directory of a shipped delta model (base + delta), built once into the base cache."""
+    from crystal_cli.bases import cached, resolve_base, source_gguf
+    from crystal_cli.files import sha256_file
+
+    def build(out: Path) -> dict:
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        base = resolve_base(base_spec)
+        weights = {}
+        for path in sorted(base.glob("*.safetensors")):
+            weights |= load_file(path)
+        delta = load_file(whole / DELTA)
+        for name, tensor in delta.items():
+            if name.endswith(".rows"):
+                target = name.removesuffix(".rows")
+                weights[target][delta[f"{target}.ids"]] = tensor.to(weights[target].dtype)
+            elif not name.endswith(".ids"):
+                weights[name] = tensor.float()
+        save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors", metadata={"format": "pt"})
+        for path in whole.iterdir():
+            if path.name != DELTA:
+                shutil.copy2(path, out / path.name)
+        tokenizer_gguf = source_gguf(base)
+        return {"kind": "shipped-delta", "base_spec": base_spec, "source": str(whole),
+                "tokenizer_gguf": str(tokenizer_gguf) if tokenizer_gguf else None}
+
+    return cached(f"delta-{sha256_file(whole / DELTA)[:16]}", build)
 
 
 def model_dir(spec: str | Path) -> Path:

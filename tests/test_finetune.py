@@ -217,7 +217,6 @@ def test_whole_model_run_on_a_cut_base_with_crystal_vocab_and_a_time_budget(reco
     transformers does, and the restricted loss is the full-vocabulary loss renormalised over its tokens."""
     from crystal_cli.export import export
     from crystal_cli.finetune import LossVocab, crystal_vocab
-    from tests.test_export import _llama_greedy, _transformers_greedy
 
     run = tmp_path / "whole"
     config = config_for(records, run, **{"base": "tiny:2", "train.method": "full", "train.loss_vocab": "crystal",
@@ -246,5 +245,39 @@ def test_whole_model_run_on_a_cut_base_with_crystal_vocab_and_a_time_budget(reco
     assert torch.allclose(restricted, expected, atol=1e-4) and bool((restricted <= full + 1e-5).all())
 
     gguf = export(run, tmp_path / "whole.gguf", "f32").path
-    prompt = codec.unconditional_prompt()
-    assert _llama_greedy(gguf, prompt, parallel=1)[0] == _transformers_greedy(run, prompt)[:24]
+    from llama_cpp import Llama
+
+    ids = tokenizer(codec.unconditional_prompt() + "3.5 3.5 3.5\n90 90 90\nNa\n")["input_ids"]
+    llama = Llama(str(gguf), logits_all=True, verbose=False, n_threads=1)
+    llama.eval(ids)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.allclose(llama.scores[: len(ids)], expected, atol=2e-3)  # the whole 2-layer model, every position
+    llama.close()
+
+
+def test_shipped_whole_model_is_its_delta_from_the_base(records, tmp_path):
+    """training/ship.py stores a whole-model run as what differs from its base (the embedding as changed
+    rows); models.load_run rebuilds it on the re-resolved base, with the run's logits to float16 precision."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ship", REPO / "training" / "ship.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    run = tmp_path / "whole"
+    finetune(config_for(records, run, **{"base": "tiny", "train.method": "full", "train.loss_vocab": "crystal",
+                                         "train.max_steps": 2}), run)
+    shipped = tmp_path / "models" / "whole"
+    ship.ship_whole(run, shipped)
+    from safetensors.torch import load_file
+
+    from crystal_cli.models import DELTA
+
+    delta = load_file(shipped / "model" / DELTA)
+    embedding_rows = delta["model.embed_tokens.weight.rows"]
+    assert 0 < embedding_rows.shape[0] < 2000 and "model.layers.0.mlp.up_proj.weight" in delta
+    rebuilt, tokenizer = load_trained(shipped)
+    original, _ = load_trained(run)
+    ids = tokenizer(codec.unconditional_prompt() + "3.5 3.5 3.5\n90 90 90\nNa\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(ids).logits, original(ids).logits, atol=2e-2)

@@ -6,7 +6,9 @@ loads, small enough to commit.
 
 LoRA runs: config.json (base kept as its spec, e.g. "smollm2-135m", re-resolved on the user's machine),
 summary.json, metrics.jsonl and adapter/ with the weights stored in float16 (half the bytes; they are
-upcast when loaded). Flow runs: config.json, summary.json, metrics.jsonl and the EMA weights. The model card
+upcast when loaded). Whole-model runs (train.method = "full"): the same, with model/ holding only what
+differs from the base (see ship_whole) instead of adapter/.
+Whatever models/NAME held before is replaced (stale files of the other kind are removed). Flow runs: config.json, summary.json, metrics.jsonl and the EMA weights. The model card
 (models/NAME/README.md) is written by hand from the run's numbers and bench/table1.py; it is kept if present.
 """
 
@@ -18,23 +20,65 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_config(run: Path, target: Path) -> dict:
+    """The run's config.json with the base kept as its spec and the records path relative to the repository."""
+    config = json.loads((run / "config.json").read_text())
+    config["base"] = config["base_spec"]  # the run's absolute cache path means nothing elsewhere
+    records = Path(config["data"]["records"])
+    config["data"]["records"] = str(records.relative_to(ROOT)) if records.is_relative_to(ROOT) else str(records)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
 
 
 def ship_lora(run: Path, target: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    config = json.loads((run / "config.json").read_text())
-    config["base"] = config["base_spec"]  # the run's absolute cache path means nothing elsewhere
-    config["data"]["records"] = str(Path(config["data"]["records"]).relative_to(ROOT)) if Path(
-        config["data"]["records"]).is_relative_to(ROOT) else config["data"]["records"]
+    config = _write_config(run, target)
     (target / "adapter").mkdir(parents=True, exist_ok=True)
-    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = config["base_spec"]
     (target / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     weights = load_file(run / "adapter" / "adapter_model.safetensors")
     save_file({k: v.half().contiguous() for k, v in weights.items()}, target / "adapter" / "adapter_model.safetensors")
+
+
+def ship_whole(run: Path, target: Path) -> None:
+    """A whole-model run: config.json as for LoRA runs; model/ with the tokenizer, the model config and
+    crystal-delta.safetensors, the float16 tensors that differ from the base (an embedding as its changed
+    rows), which crystal_cli.models rebuilds on top of the re-resolved base on first use."""
+    from safetensors.torch import load_file, save_file
+
+    from crystal_cli.bases import resolve_base
+    from crystal_cli.models import DELTA
+
+    config = _write_config(run, target)
+    base = {}
+    for path in sorted(resolve_base(config["base_spec"]).glob("*.safetensors")):
+        base |= load_file(path)
+    trained = {}
+    for path in sorted((run / "model").glob("*.safetensors")):
+        trained |= load_file(path)
+    delta = {}
+    for name, tensor in trained.items():
+        before = base.get(name)
+        if before is not None and before.shape == tensor.shape and tensor.ndim == 2:
+            changed = (tensor != before).any(dim=1).nonzero()[:, 0]
+            if len(changed) < tensor.shape[0] // 2:  # mostly untouched rows: an embedding
+                delta[f"{name}.rows"], delta[f"{name}.ids"] = tensor[changed].half(), changed
+                continue
+        if before is None or not torch.equal(tensor, before):
+            delta[name] = tensor.half()
+    (target / "model").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in delta.items()}, target / "model" / DELTA, metadata={"format": "pt"})
+    for path in (run / "model").iterdir():
+        if path.suffix != ".safetensors" and path.name != "crystal-base.json":  # its paths are this machine's
+            shutil.copy2(path, target / "model" / path.name)
 
 
 def ship_flow(run: Path, target: Path) -> None:
@@ -49,7 +93,11 @@ def main() -> None:
     parser.add_argument("name")
     args = parser.parse_args()
     target = ROOT / "models" / args.name
-    if (args.run / "adapter").is_dir():
+    for stale in ("adapter", "model"):  # weights this script shipped before; the card (README.md) stays
+        shutil.rmtree(target / stale, ignore_errors=True)
+    if (args.run / "model" / "config.json").is_file():
+        ship_whole(args.run, target)
+    elif (args.run / "adapter").is_dir():
         ship_lora(args.run, target)
     elif (args.run / "config.json").is_file():
         ship_flow(args.run, target)
