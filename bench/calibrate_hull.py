@@ -30,7 +30,8 @@ configure_process()
 
 import pandas as pd  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "data"
+from crystal_cli.files import shared_data  # noqa: E402
+
 U_ELEMENTS = {"Co": 3.32, "Cr": 3.7, "Fe": 5.3, "Mn": 3.9, "Mo": 4.38, "Ni": 6.2, "V": 3.25, "W": 6.2}  # MPRelaxSet
 
 
@@ -94,7 +95,7 @@ def summarize(results: pd.DataFrame) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=SHARED / "mp_20" / "test.csv.gz")
+    parser.add_argument("--data", type=Path, default=shared_data("mp_20", "test.csv.gz"))
     parser.add_argument("--hull", type=Path, default=REPO / "runs" / "hull.json.gz",
                         help="hull file (built from ../shared/data with the defaults when missing)")
     parser.add_argument("--rows", type=int, default=220)
@@ -109,15 +110,13 @@ def main() -> None:
 
     from pymatgen.core import Structure
 
-    from crystal_cli.evaluate.hull import Hull, build_hull
+    from crystal_cli.evaluate.hull import Hull, build_hull, default_elements, default_tables
     from crystal_cli.evaluate.potential import RelaxSettings
     from crystal_cli.evaluate.stability import evaluate_stability
 
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.hull.exists():
-        tables = [SHARED / "hull" / "mp20_near_hull.parquet"] + sorted(
-            p for folder in ("mp_20", "mpts_52") for p in (SHARED / folder).glob("*.csv.gz"))
-        build_hull(tables, SHARED / "hull" / "mp_elemental_reference_entries.json.gz").save(args.hull)
+        build_hull(default_tables(), default_elements()).save(args.hull)
     hull = Hull.load(args.hull)
     rows = select_rows(args.data, args.rows, args.max_e_hull, args.seed)
     jobs = [(i, str(r.material_id), Structure.from_str(r.cif, fmt="cif")) for i, r in rows.iterrows()]

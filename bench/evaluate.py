@@ -14,6 +14,7 @@ Measures in one run:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -25,25 +26,6 @@ sys.path.insert(0, str(REPO))
 from crystal_cli.runtime import configure_process  # noqa: E402
 
 configure_process()
-
-
-def read_materials(path: Path, limit: int | None) -> list[tuple[str, object]]:
-    """(id, structure) per material of an encode-records jsonl, first record of each id."""
-    from crystal_cli.codec import parse_crystal
-
-    seen, out = set(), []
-    with path.open() as handle:
-        for line in handle:
-            row = json.loads(line)
-            if row["id"] in seen or row.get("task") == "infill":
-                continue
-            seen.add(row["id"])
-            parsed = parse_crystal(row["completion"])
-            if parsed.ok:
-                out.append((row["id"], parsed.structure))
-            if limit is not None and len(out) >= limit:
-                break
-    return out
 
 
 def main() -> None:
@@ -61,7 +43,7 @@ def main() -> None:
 
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
     started = time.monotonic()
-    samples = [s for _, s in read_materials(args.corpus / "test.jsonl", args.samples)]
+    samples = [s for _, s in itertools.islice(matching.record_materials(args.corpus / "test.jsonl"), args.samples)]
     results["read_s_per_structure"] = (time.monotonic() - started) / len(samples)
     n = len(samples)
 
@@ -87,7 +69,7 @@ def main() -> None:
     }
 
     # naive: the same matcher on every pair, no composition buckets (a slice, extrapolated)
-    full_reference = [s for _, s in read_materials(args.corpus / "train.jsonl", None)]
+    full_reference = [s for _, s in matching.record_materials(args.corpus / "train.jsonl")]
     matcher = matching.make_matcher()
     slice_ = samples[: args.naive_slice]
     started = time.monotonic()

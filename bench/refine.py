@@ -26,12 +26,14 @@ from pymatgen.core import Lattice, Structure  # noqa: E402
 
 from crystal_cli.datasets import read_structures  # noqa: E402
 from crystal_cli.flow.network import FlowNet, FlowNetConfig  # noqa: E402
-from crystal_cli.flow.ode import refine_structures, resolve_model  # noqa: E402
+from crystal_cli.files import shared_data  # noqa: E402
+from crystal_cli.flow.ode import refine_structures  # noqa: E402
 from crystal_cli.flow.pairs import PerturbedSamples  # noqa: E402
 from crystal_cli.flow.train import load_model  # noqa: E402
+from crystal_cli.models import FLOW, resolve_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "mp_20" / "test.csv.gz"
+DEFAULT_DATA = shared_data("mp_20", "test.csv.gz")
 RECIPE = REPO / "training" / "flow-mp20.toml"
 
 
@@ -68,7 +70,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model:
-        model = load_model(resolve_model(args.model))
+        model = load_model(resolve_model(args.model, FLOW))
         described = args.model
     else:
         torch.manual_seed(0)

@@ -22,8 +22,9 @@ from pymatgen.core import Lattice, Structure  # noqa: E402
 
 from crystal_cli import codec  # noqa: E402
 from crystal_cli.datasets import read_structures  # noqa: E402
+from crystal_cli.files import shared_data  # noqa: E402
 
-DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mp_20"
+DEFAULT = shared_data("mp_20")
 
 
 def one_decimal(structure: Structure) -> Structure:

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from crystal_cli.files import shared_data
 from crystal_cli.runtime import configure_process
 
 configure_process()
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CRYSTAL_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_DATA = shared_data()  # $CRYSTAL_SHARED_DATA, else ../shared/data beside the checkout
 os.environ.setdefault("CRYSTAL_CACHE", str(REPO / ".cache" / "crystal"))  # converted bases, kept across runs
 
 

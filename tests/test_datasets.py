@@ -56,7 +56,7 @@ def test_bad_rows_are_counted_not_fatal(tmp_path, structures):
     assert entries["mp-0"].structure is not None
     assert entries["broken"].error == "unparseable_cif"
     assert entries["unknown"].error == "unknown_element"
-    assert entries["flat"].error in ("degenerate_lattice", "unparseable_cif")
+    assert entries["flat"].error == "unparseable_cif"  # pymatgen parses no structure from a zero-length cell
     assert entries["empty"].error == "missing_cif"
     assert all(e.detail for e in entries.values() if e.error)
 

@@ -76,7 +76,7 @@ def test_exclusion_max_atoms_and_val_split(tmp_path, structures):
     skipped = {k: v for s in stats["splits"].values() for k, v in s["skipped"].items()}
     assert "mp-0" not in ids and skipped["excluded_id"] == 1
     assert skipped["too_many_atoms"] == 2  # 8-site conventional Si and the 7-site LiFePO4-like cell
-    assert set(stats["splits"]) <= {"train", "val"}
+    assert set(stats["splits"]) == {"train", "val"}
 
 
 def test_nothing_encoded_raises(tmp_path, structures):

@@ -58,13 +58,15 @@ def test_evaluate_end_to_end(tmp_path):
     assert report["versions"]["chgnet"] and report["settings"]["structure_matcher"]["stol"] == 0.3
     assert report["coverage"]["cov_recall"] == 1.0 and report["distribution"]["n_reference"] == 1
     stability = report["stability"]
-    assert stability["sampled"] == 4 and 0 <= stability["metastable"]["k"] <= 4
+    assert stability["sampled"] == 4 and stability["metastable"]["n"] == 4
 
     rows = list(csv.DictReader((out / "structures.csv").open()))
     assert [r["id"] for r in rows] == ["nacl", "nacl-again", "overlap", "na2cl", "gen-ok", "gen-garbage", "gen-short"]
     assert rows[2]["structural_reason"] == "overlapping_atoms" and rows[5]["parse_error"] == "unknown_element"
     sampled = [r for r in rows if r["stability_error"] or r["energy_per_atom"]]
     assert len(sampled) == 4
+    e_hull = [float(r["e_above_hull"]) for r in sampled if r["e_above_hull"] and not r["stability_error"]]
+    assert stability["metastable"]["k"] == sum(e < 0.1 for e in e_hull) == sum(r["metastable"] == "True" for r in rows)
     relaxed = [r for r in rows if r["relaxed_structure"]]
     blocks = (out / "relaxed.cif").read_text().count("data_")
     assert blocks == len(relaxed) == stability["relaxed"]

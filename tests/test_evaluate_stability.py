@@ -13,7 +13,7 @@ from crystal_cli.errors import CrystalError
 from crystal_cli.evaluate.hull import Hull, build_hull, load_elemental_references
 from crystal_cli.evaluate.potential import RelaxSettings, load_potential
 from crystal_cli.evaluate.stability import evaluate_stability
-from tests.conftest import shared
+from tests.conftest import require_shared
 
 # MP elemental reference energies per atom (hull/mp_elemental_reference_entries.json.gz) and MP-20's DFT
 # formation energy of rocksalt NaCl (mp-22862), so the tiny hull works without ../shared/data.
@@ -117,8 +117,7 @@ def test_hull_builds_from_tables_and_round_trips_as_json(tmp_path):
         Hull.load(tmp_path / "broken.json")
 
 
-@pytest.mark.skipif(shared("hull", "mp_elemental_reference_entries.json.gz") is None, reason="needs ../shared/data")
 def test_mp_elemental_reference_energies_match_the_constants():
-    energies = load_elemental_references(shared("hull", "mp_elemental_reference_entries.json.gz"))
+    energies = load_elemental_references(require_shared("hull", "mp_elemental_reference_entries.json.gz"))
     assert len(energies) == 89
     assert energies["Na"] == pytest.approx(MP_NA) and energies["Cl"] == pytest.approx(MP_CL)

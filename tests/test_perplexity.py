@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -74,10 +75,12 @@ def test_structures_are_scored_under_the_unconditional_prompt(tmp_path):
 
 def test_cli_scores_a_finished_run(records, tmp_path):
     run = tmp_path / "run"
+    own = tmp_path / "records"  # a copy: the module's records stay as the other tests read them
+    shutil.copytree(records, own)
+    (own / "train.jsonl").write_text((own / "val.jsonl").read_text())  # train on the same few records
     config = resolve_config(run, REPO / "training" / "tiny-test.toml", {
-        "data.records": str(records), "train.max_steps": 2, "train.batch_size": 2, "train.grad_accum": 1,
+        "data.records": str(own), "train.max_steps": 2, "train.batch_size": 2, "train.grad_accum": 1,
         "data.val_records": 0, "data.max_length": 512})
-    (records / "train.jsonl").write_text((records / "val.jsonl").read_text())  # train on the same few records
     finetune(config, run)
     out = tmp_path / "scores.jsonl"
     result = runner.invoke(app, ["perplexity", str(records), "-m", str(run), "--translations", "2", "-o", str(out), "--device", "cpu"])

@@ -12,7 +12,7 @@ import io
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -91,6 +91,16 @@ def load_reference(path: str | Path, formulas: set[str] | None = None) -> Refere
     if reference.materials == 0:
         raise CrystalError(f"{path}: the reference holds no structures")
     return reference
+
+
+def record_materials(path: str | Path) -> Iterator[tuple[str, Structure]]:
+    """(id, structure) of each material of a `crystal encode` records jsonl, in file order: the first record
+    of every id (records repeat a material once per task), infill records and unparseable text left out."""
+    done: set[str] = set()
+    for material_id, structure, _ in _record_rows(Path(path), done, None):
+        done.add(material_id)
+        if structure is not None:
+            yield material_id, structure
 
 
 def _record_rows(path: Path, done: set[str], formulas: set[str] | None) -> Iterable[tuple[str, Structure | None, bool]]:

@@ -6,10 +6,7 @@ validity ~100 %) and samples can be small (a --stability-samples subset), where 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-
-Z_95 = 1.959963984540054
 
 
 @dataclass(frozen=True)
@@ -26,14 +23,13 @@ class Rate:
         return asdict(self)
 
 
-def wilson(k: int, n: int, z: float = Z_95) -> Rate:
-    """The Wilson score interval of k/n; an empty sample gives no rate (None), never a division by zero."""
+def wilson(k: int, n: int, confidence: float = 0.95) -> Rate:
+    """The Wilson score interval of k/n (scipy's binomtest); an empty sample gives no rate (None)."""
+    from scipy.stats import binomtest
+
     if n < 0 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return Rate(k, n, None, None, None)
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Rate(k, n, p, max(0.0, center - half), min(1.0, center + half))
+    interval = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return Rate(k, n, k / n, float(interval.low), float(interval.high))

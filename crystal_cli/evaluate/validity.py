@@ -8,7 +8,6 @@ alloys pass. Each failure carries a reason so reports can break invalid samples 
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -59,29 +58,14 @@ def compositional_validity(composition: Composition) -> tuple[bool, str]:
 
 @lru_cache(maxsize=65536)
 def _smact_validity(symbols: tuple[str, ...], counts: tuple[int, ...]) -> tuple[bool, str]:
-    import smact
-    from smact.screening import pauling_test
+    """smact's own smact_validity with CDVAE's settings (smact 2.2.1's default oxidation states are the set
+    smact now calls "smact14"); when it fails, the same test without the Pauling criterion says which part."""
+    from smact.screening import smact_validity
 
-    if len(symbols) == 1:
+    composition = Composition(dict(zip(symbols, counts)))
+    if smact_validity(composition, oxidation_states_set="smact14"):
         return True, ""
-    if all(symbol in smact.metals for symbol in symbols):
-        return True, ""
-    elements = smact.element_dictionary(symbols)
-    electronegativities = [elements[s].pauling_eneg for s in symbols]
-    # CDVAE ran smact 2.2.1, whose default oxidation states are the set smact now calls "smact14"
-    oxidation_states = [elements[s].oxidation_states_smact14 or [] for s in symbols]
-    threshold = max(counts)
-    stoichs = [(c,) for c in counts]
-    neutral = False
-    for states in itertools.product(*oxidation_states):
-        if not smact.neutral_ratios(states, stoichs=stoichs, threshold=threshold):
-            continue
-        neutral = True
-        try:
-            if pauling_test(states, electronegativities):
-                return True, ""
-        except TypeError:  # an element without electronegativity data: CDVAE lets it pass
-            return True, ""
+    neutral = smact_validity(composition, use_pauling_test=False, oxidation_states_set="smact14")
     return False, "electronegativity" if neutral else "charge_neutrality"
 
 
