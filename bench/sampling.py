@@ -2,12 +2,15 @@
 
 Prints structures/s and tokens/s of each backend, their ratio, parse rates, the grammar's per-token overhead
 (llama.cpp with vs without the grammar), the gain from appending grammar-forced tokens unsampled (llama.cpp
-with the grammar, skipping on vs off), the same sampler on q8_0 weights, and decoding throughput as a fraction
+with the grammar, skipping on vs off), the same sampler on q8_0 weights, the distance guard on vs off
+(sampling/guard.py; same seeds; its speed cost and the samples' structural validity, i.e. every distance
+>= 0.5 Å with periodic images, compositional validity, no_room count), and decoding throughput as a fraction
 of this machine's measured float32 matmul throughput (torch, all threads). llama.cpp runs the f32 export by
 default: the transformers side's own weights.
 
     python bench/sampling.py                          # the shipped default model (models/default), N=64
     python bench/sampling.py --model smollm2-135m     # the bare base; or --model runs/NAME (a finetune run)
+    python bench/sampling.py --guard-only --temperature 1.0 --repeats 2   # just guard off/on, alternated
 
 GPU: build llama-cpp-python with CMAKE_ARGS="-DGGML_CUDA=on" (see Makefile), and this script's llama.cpp
 numbers use it as they are (all layers are offloaded by default); transformers runs on CPU here.
@@ -45,19 +48,38 @@ def matmul_gflops(seconds: float = 3.0) -> float:
 
 def show(name: str, r: dict) -> None:
     print(f"{name:24s} {r['structures_per_s']:6.2f} structures/s  {r['tokens_per_s']:7.1f} tokens/s  "
-          f"parse {r['parse_rate']:6.1%}  {r['seconds']:6.1f} s", flush=True)
+          f"parse {r['parse_rate']:6.1%}  struct. valid {r['structural_validity']:6.1%}  "
+          f"comp. valid {r['compositional_validity']:6.1%}  no_room {r['no_room']}  {r['seconds']:6.1f} s", flush=True)
 
 
-def run_backend(sampler, prompt: str, jobs) -> dict:
+COUNTS = ("n", "seconds", "tokens", "parsed", "structural", "compositional", "distance_ok", "no_room", "guard_masked")
+
+
+def run_backend(sampler, prompt: str, jobs, min_distance: float) -> dict:
+    """One run's counts: speed, parse rate, validity (CDVAE's rules, evaluate.validity), distances, failures."""
     from crystal_cli import codec
+    from crystal_cli.evaluate.validity import compositional_validity, structural_validity
+    from crystal_cli.sampling.guard import shortest_distance
 
     start = time.perf_counter()
     finished = list(sampler.run(prompt, jobs))
     seconds = time.perf_counter() - start
-    tokens = sum(f.tokens for f in finished)
-    ok = sum(codec.parse_crystal(f.text).ok for f in finished)
-    return {"n": len(finished), "seconds": seconds, "tokens": tokens, "structures_per_s": len(finished) / seconds,
-            "tokens_per_s": tokens / seconds, "parse_rate": ok / len(finished)}
+    structures = [s for s in (codec.parse_crystal(f.text).structure for f in finished) if s is not None]
+    return {"n": len(finished), "seconds": seconds, "tokens": sum(f.tokens for f in finished), "parsed": len(structures),
+            "structural": sum(structural_validity(s)[0] for s in structures),
+            "compositional": sum(compositional_validity(s.composition)[0] for s in structures),
+            "distance_ok": sum((shortest_distance(s) or float("inf")) >= min_distance for s in structures),
+            "no_room": sum(f.failure == "no_room" for f in finished),
+            "guard_masked": sum(f.guard_masked for f in finished)}
+
+
+def rates(counts: dict) -> dict:
+    """Counts summed over repeats -> the reported row (validity over all samples, as Table 1 counts it)."""
+    n = counts["n"]
+    return counts | {"structures_per_s": n / counts["seconds"], "tokens_per_s": counts["tokens"] / counts["seconds"],
+                     "parse_rate": counts["parsed"] / n, "structural_validity": counts["structural"] / n,
+                     "compositional_validity": counts["compositional"] / n,
+                     "distance_ok_rate": counts["distance_ok"] / n}
 
 
 def main() -> None:
@@ -73,7 +95,11 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-transformers", action="store_true")
-    parser.add_argument("--skip-ablations", action="store_true", help="only llama.cpp (grammar) and transformers")
+    parser.add_argument("--skip-ablations", action="store_true", help="only llama.cpp (grammar, guard off/on) and transformers")
+    parser.add_argument("--min-distance", type=float, default=0.5, help="the guard row's --min-distance, Å")
+    parser.add_argument("--formula", help="prompt and grammar with this --formula (the guard adds its volume floor)")
+    parser.add_argument("--guard-only", action="store_true", help="only llama.cpp with the grammar, guard off and on")
+    parser.add_argument("--repeats", type=int, default=1, help="run the rows this many times, alternating (less noise)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
 
@@ -81,34 +107,51 @@ def main() -> None:
 
     from crystal_cli import codec
     from crystal_cli.export import cached_export
-    from crystal_cli.grammar import crystal_gbnf, max_new_tokens
+    from crystal_cli.grammar import crystal_gbnf, formula_constraint, max_new_tokens
+    from crystal_cli.sampling.guard import GuardSettings, check_min_distance
     from crystal_cli.sampling.llama_backend import BatchedSampler, Job, LlamaModel, SamplingSettings, job_seed
 
     torch.set_num_threads(args.threads)
-    prompt = codec.unconditional_prompt()
-    gbnf = crystal_gbnf(args.max_atoms)
+    constraint = formula_constraint(args.formula, args.max_atoms) if args.formula else None
+    prompt = codec.conditional_prompt({"formula": constraint.formula if constraint else None})
+    gbnf = crystal_gbnf(args.max_atoms, constraint)
+    guard = GuardSettings(check_min_distance(args.min_distance), constraint)
     settings = SamplingSettings(args.temperature, args.top_p, max_new_tokens(args.max_atoms), args.parallel, args.threads)
     jobs = [Job(i, job_seed(0, i)) for i in range(args.n)]
     report: dict = {"model": args.model, "n": args.n, "parallel": args.parallel, "max_atoms": args.max_atoms,
-                    "quant": args.quant, "threads": args.threads}
+                    "quant": args.quant, "threads": args.threads, "temperature": args.temperature,
+                    "top_p": args.top_p, "formula": args.formula, "min_distance": args.min_distance,
+                    "repeats": args.repeats}
 
     report["matmul_gflops"] = matmul_gflops()
-    runs = [("llama_grammar", args.quant, gbnf, settings)]
-    if not args.skip_ablations:
-        runs += [("llama_grammar_no_skip", args.quant, gbnf, replace(settings, skip_forced=False)),
-                 ("llama_free", args.quant, None, settings)]
+    runs = [("llama_grammar", args.quant, gbnf, settings, None), ("llama_grammar_guard", args.quant, gbnf, settings, guard)]
+    if not args.skip_ablations and not args.guard_only:
+        runs += [("llama_grammar_no_skip", args.quant, gbnf, replace(settings, skip_forced=False), None),
+                 ("llama_free", args.quant, None, settings, None)]
         if args.quant != "q8_0":
-            runs.append(("llama_grammar_q8_0", "q8_0", gbnf, settings))
-    for name, quant, grammar, run_settings in runs:
-        with LlamaModel(cached_export(args.model, quant), threads=args.threads) as model:
-            report["params"] = model._llama.llama_model_n_params(model.model)
-            sampler = BatchedSampler(model, run_settings, grammar)
-            report[name] = run_backend(sampler, prompt, jobs)
-            show(name, report[name])
-            sampler.close()
+            runs.append(("llama_grammar_q8_0", "q8_0", gbnf, settings, None))
+    models: dict = {}
+    totals: dict = {}
+    try:
+        for repeat in range(args.repeats):
+            for name, quant, grammar, run_settings, run_guard in runs:
+                if quant not in models:
+                    models[quant] = LlamaModel(cached_export(args.model, quant), threads=args.threads)
+                model = models[quant]
+                report["params"] = model._llama.llama_model_n_params(model.model)
+                sampler = BatchedSampler(model, run_settings, grammar, run_guard)
+                counts = run_backend(sampler, prompt, jobs, args.min_distance)
+                sampler.close()
+                totals[name] = {k: totals.get(name, {}).get(k, 0) + counts[k] for k in COUNTS}
+                show(f"{name} #{repeat + 1}", rates(counts))
+    finally:
+        for model in models.values():
+            model.close()
+    for name in totals:
+        report[name] = rates(totals[name])
     params = report["params"]
 
-    if not args.skip_transformers:
+    if not args.skip_transformers and not args.guard_only:
         from crystal_cli.bases import smollm2_gguf, source_gguf
         from crystal_cli.models import load_trained, model_dir
         from crystal_cli.sampling.hf_backend import HFSampler, load_vocab_grammar
@@ -116,7 +159,8 @@ def main() -> None:
         base_dir = model_dir(args.model)
         hf_model, tokenizer = load_trained(args.model, merge=True)
         engine, vocab_model = load_vocab_grammar(source_gguf(base_dir) or smollm2_gguf(), gbnf)
-        report["transformers_grammar"] = run_backend(HFSampler(hf_model, tokenizer, settings, engine, vocab_model.end_tokens), prompt, jobs)
+        sampler = HFSampler(hf_model, tokenizer, settings, engine, vocab_model.end_tokens)
+        report["transformers_grammar"] = rates(run_backend(sampler, prompt, jobs, args.min_distance))
         show("transformers_grammar", report["transformers_grammar"])
         engine.close()
         vocab_model.close()
@@ -132,6 +176,8 @@ def main() -> None:
         report["grammar_overhead_per_token"] = per_token(report["llama_grammar"]) / per_token(report["llama_free"]) - 1
         report["grammar_overhead_per_token_no_skip"] = per_token(report["llama_grammar_no_skip"]) / per_token(report["llama_free"]) - 1
         report["forced_skip_speedup"] = per_token(report["llama_grammar_no_skip"]) / per_token(report["llama_grammar"])
+    off, on = report["llama_grammar"], report["llama_grammar_guard"]
+    report["guard_speed_cost"] = 1 - on["structures_per_s"] / off["structures_per_s"]
     for name in names:
         if name in report:
             report[name]["matmul_fraction"] = report[name]["tokens_per_s"] * 2 * params / 1e9 / report["matmul_gflops"]
@@ -148,6 +194,11 @@ def main() -> None:
         print(f"grammar overhead per token (llama.cpp): {report['grammar_overhead_per_token']:+.1%} with forced tokens "
               f"skipped, {report['grammar_overhead_per_token_no_skip']:+.1%} with every token sampled")
         print(f"skipping forced tokens: {report['forced_skip_speedup']:.2f}x tokens/s")
+    print(f"distance guard ({args.min_distance} Å): {report['guard_speed_cost']:+.1%} structures/s cost; structural "
+          f"validity {off['structural_validity']:.1%} -> {on['structural_validity']:.1%}, compositional "
+          f"{off['compositional_validity']:.1%} -> {on['compositional_validity']:.1%}, distances >= {args.min_distance} Å "
+          f"{off['distance_ok_rate']:.1%} -> {on['distance_ok_rate']:.1%}, no_room {on['no_room']}, "
+          f"{on['guard_masked'] / on['n']:.1f} tokens masked per sample (N={on['n']} each)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

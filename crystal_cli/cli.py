@@ -330,6 +330,10 @@ def generate(
         Optional[Path], typer.Option("--infill", help="Structures to propose substitutions for (with --mask).")
     ] = None,
     mask: Annotated[Optional[str], typer.Option(help="Element to replace; candidates ranked by probability.")] = None,
+    min_distance: Annotated[
+        Optional[float], typer.Option(help="No two atoms closer than this, Å, periodic images included (masked while "
+                                      "sampling; 0 = off). Default 0.5 (needs the grammar).")
+    ] = None,
 ) -> None:
     """Sample crystals from a fine-tuned model, conditioned on formula / space group / stability."""
     from rich.progress import TextColumn
@@ -340,7 +344,7 @@ def generate(
         model=model, output=output, n=n, formula=formula, spacegroup=spacegroup, e_hull=e_hull,
         temperature=temperature, top_p=top_p, seed=seed, max_atoms=max_atoms, parallel=parallel, fmt=fmt,
         resume=resume, backend=backend, grammar=grammar, adapter=adapter, quant=quant, threads=threads,
-        infill=infill_file, mask=mask,
+        infill=infill_file, mask=mask, min_distance=min_distance,
     )
     check_options(options)
     with progress_bar(TextColumn("{task.fields[speed]}")) as bar:
@@ -369,6 +373,7 @@ def generate(
         f"{summary.generated} new samples ({summary.existing} already there) → {summary.output}, {summary.sidecar}; "
         f"parsed {summary.ok}/{summary.generated}; failures: {failures}; {speed:.2f} structures/s, "
         f"{summary.tokens / summary.seconds if summary.seconds else 0.0:.0f} tokens/s"
+        + (f"; distance guard masked {summary.guard_masked} tokens" if summary.guard_masked else "")
     )
 
 
@@ -564,9 +569,15 @@ def flow_pairs(
     max_atoms: Annotated[Optional[int], typer.Option(help="Skip targets with more sites.")] = None,
     max_targets: Annotated[Optional[int], typer.Option(help="Use at most this many targets.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a pairs directory where it stopped.")] = False,
+    min_distance: Annotated[
+        float, typer.Option(help="--model: no two atoms of c0 closer than this, Å (distance guard; 0 = off).")
+    ] = 0.5,
 ) -> None:
     """Build (c0, c1) pairs: a base sample per training crystal, sites aligned to the target's."""
     from crystal_cli.flow.pairs import FileSamples, PairOptions, PerturbedSamples, build_pairs
+    from crystal_cli.sampling.guard import check_min_distance
+
+    check_min_distance(min_distance)
 
     chosen = [name for name, given in (("--samples", samples), ("--model", model), ("--perturb", perturb)) if given]
     if len(chosen) != 1:
@@ -578,7 +589,7 @@ def flow_pairs(
     elif model is not None:
         from crystal_cli.flow.pairs import LLMSamples
 
-        source = LLMSamples(model, adapter=adapter, temperature=temperature, threads=threads)
+        source = LLMSamples(model, adapter=adapter, temperature=temperature, threads=threads, min_distance=min_distance)
     else:
         source = PerturbedSamples(coord_noise=coord_noise, lattice_noise=lattice_noise)
     options = PairOptions(samples_per_target=per_target, seed=seed, max_atoms=max_atoms, max_targets=max_targets)
@@ -649,23 +660,31 @@ def refine(
     batch_size: Annotated[int, typer.Option(help="Structures integrated together.")] = 64,
     log: Annotated[Optional[Path], typer.Option(help="Per-structure step log (default OUTPUT.steps.jsonl).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue after the inputs already in the log.")] = False,
+    min_distance: Annotated[
+        float, typer.Option(help="Report refined structures with two atoms closer than this, Å (the flow can move "
+                            "atoms together again).")
+    ] = 0.5,
 ) -> None:
     """Refine crystals (e.g. LLM samples) with a trained flow-matching network; keeps atom order and types."""
     from crystal_cli.flow.ode import refine_file
     from crystal_cli.flow.train import load_model
     from crystal_cli.models import FLOW, resolve_model
+    from crystal_cli.sampling.guard import check_min_distance
 
     if batch_size < 1:
         raise CrystalError(f"--batch-size must be >= 1, got {batch_size}")
+    check_min_distance(min_distance)
     network = load_model(resolve_model(model, FLOW))
     with progress_bar() as bar:
         stats = refine_file(samples, output, network, steps=steps, batch_size=batch_size, log_path=log,
-                            resume=resume, progress=_total_then_steps(bar, "refine"))
+                            resume=resume, progress=_total_then_steps(bar, "refine"), min_distance=min_distance)
     table = Table(title=f"crystal refine → {output}")
-    for column in ("inputs", "refined", "resumed from", "skipped (reason: n)", "step log"):
+    too_close = f"closer than {min_distance:g} Å"
+    for column in ("inputs", "refined", too_close, "resumed from", "skipped (reason: n)", "step log"):
         table.add_column(column, justify="left" if column in ("skipped (reason: n)", "step log") else "right")
     skipped = ", ".join(f"{r}: {n}" for r, n in sorted(stats["skipped"].items(), key=lambda kv: -kv[1])) or "-"
-    table.add_row(str(stats["inputs"]), str(stats["refined"]), str(stats["resumed_from"]), skipped, stats["log"])
+    table.add_row(str(stats["inputs"]), str(stats["refined"]), str(stats["too_close"]), str(stats["resumed_from"]),
+                  skipped, stats["log"])
     console.print(table)
 # <<< flow commands
 

@@ -93,15 +93,25 @@ def int_range(lo: int, hi: int) -> str:
     return "(" + " | ".join(alternatives) + ")"
 
 
+ANGLE_BUCKETS = tuple((lo, min(lo + ANGLE_BUCKET - 1, 179)) for lo in range(1, 180, ANGLE_BUCKET))
+
+
+def gamma_range(alpha_bucket: tuple[int, int], beta_bucket: tuple[int, int]) -> tuple[int, int]:
+    """The γ values (lo..hi, empty when lo > hi) the grammar takes after an α and a β in these buckets:
+    valid for every α, β in them. The distance guard reads the grammar's angle triples from here."""
+    (a_lo, a_hi), (b_lo, b_hi) = alpha_bucket, beta_bucket
+    g_lo = max(a_hi - b_lo, b_hi - a_lo, 0) + 1  # γ > |α − β| for every α, β in the buckets
+    g_hi = min(a_lo + b_lo - 1, 359 - a_hi - b_hi, 179)  # γ < α + β and α + β + γ < 360
+    return g_lo, g_hi
+
+
 def _angle_rules() -> list[str]:
     """angles ::= one alternative per (α bucket, β bucket) with the γ range valid for all of them."""
-    buckets = [(lo, min(lo + ANGLE_BUCKET - 1, 179)) for lo in range(1, 180, ANGLE_BUCKET)]
     alternatives = []
-    for a_lo, a_hi in buckets:
+    for a_lo, a_hi in ANGLE_BUCKETS:
         betas = []
-        for b_lo, b_hi in buckets:
-            g_lo = max(a_hi - b_lo, b_hi - a_lo, 0) + 1  # γ > |α − β| for every α, β in the buckets
-            g_hi = min(a_lo + b_lo - 1, 359 - a_hi - b_hi, 179)  # γ < α + β and α + β + γ < 360
+        for b_lo, b_hi in ANGLE_BUCKETS:
+            g_lo, g_hi = gamma_range((a_lo, a_hi), (b_lo, b_hi))
             if g_lo <= g_hi:
                 betas.append(f'{int_range(b_lo, b_hi)} " " {int_range(g_lo, g_hi)}')
         if betas:

@@ -37,6 +37,7 @@ from crystal_cli.flow.manifolds import (
     torus_exp,
 )
 from crystal_cli.flow.network import Cells, FlowNet
+from crystal_cli.sampling.guard import MIN_DISTANCE, shortest_distance
 from crystal_cli.structure_io import StructureAppender, append_jsonl, format_for, read_jsonl, structure_fingerprint
 
 RESUME_SAFE = ("batch_size", "samples")  # batching changes no result; logged rows are checked one by one
@@ -127,10 +128,12 @@ def refine_file(
     log_path: str | Path | None = None,
     resume: bool = False,
     progress: Callable[[int | None], None] | None = None,
+    min_distance: float = MIN_DISTANCE,
 ) -> dict:
     """Refine every structure in `samples` into `output` (multi-block .cif or .jsonl); one jsonl row per
     input in `log_path` (default OUTPUT with suffix .steps.jsonl). `progress(total)` once, then `progress(None)` per
-    input handled. Returns counts (refined, skipped by reason, resumed)."""
+    input handled. Returns counts (refined, skipped by reason, resumed, and too_close: refined structures with
+    two atoms closer than min_distance Å, since the flow may move atoms together again)."""
     output = Path(output)
     fmt = format_for(output)
     if fmt not in _RECORD_START:
@@ -159,9 +162,11 @@ def refine_file(
     # inputs in order, each with the reason it is skipped (or None); refined a batch at a time so the log
     # stays in input order without letting skipped rows shrink the batches
     pending: list[tuple[int, Entry, str | None]] = []
+    too_close = 0  # refined structures with two atoms closer than min_distance
     with StructureAppender(output, fmt) as out, log_path.open("a") as log:
 
         def flush() -> None:
+            nonlocal too_close
             batch = [entry.structure for _, entry, reason in pending if reason is None]
             refined = iter(refine_structures(model, batch, steps) if batch else [])
             for index, entry, reason in pending:
@@ -173,11 +178,14 @@ def refine_file(
                 else:
                     result = next(refined)
                     out.append(result.structure, entry.id)
+                    shortest = shortest_distance(result.structure)
                     append_jsonl(log, {"index": index, "id": entry.id, "input_sha256": key, "status": "refined",
                                        "n_atoms": len(result.structure),
                                        "formula": result.structure.composition.reduced_formula, "steps": steps,
+                                       "shortest_distance": None if shortest is None else round(shortest, 4),
                                        **result.summary})
                     counts["refined"] += 1
+                    too_close += shortest is not None and shortest < min_distance
                 if progress:
                     progress(None)
             pending.clear()
@@ -199,6 +207,8 @@ def refine_file(
         "refined": refined,
         "resumed_from": done,
         "skipped": {k.removeprefix("skipped:"): v for k, v in counts.items()},
+        "too_close": too_close,
+        "min_distance": min_distance,
         "output": str(output),
         "log": str(log_path),
     }

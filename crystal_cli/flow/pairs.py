@@ -39,6 +39,7 @@ from crystal_cli.flow.manifolds import (
     structure_lattice_vector,
 )
 from crystal_cli.grammar import MAX_Z
+from crystal_cli.sampling.guard import MIN_DISTANCE, GuardSettings, check_min_distance
 from crystal_cli.structure_io import append_jsonl, read_jsonl
 
 PAIRS_FILE = "pairs.jsonl"
@@ -181,22 +182,25 @@ class FileSamples:
 class LLMSamples:
     """c0 drawn from a GGUF model (llama.cpp; a path, or "smollm2-135m" for the shipped base) prompted with the
     target's reduced formula, the grammar pinning the target's exact site multiset (its elements in
-    training-text order, its atom count)."""
+    training-text order, its atom count), and the distance guard (sampling/guard.py) keeping its atoms
+    min_distance Å apart (0: off) in a cell with room for them."""
 
     name = "llm"
 
     def __init__(self, model: str | Path, adapter: str | Path | None = None, temperature: float = 1.0,
-                 top_p: float = 1.0, parallel: int = 8, threads: int | None = None):
+                 top_p: float = 1.0, parallel: int = 8, threads: int | None = None, min_distance: float = MIN_DISTANCE):
         from crystal_cli.bases import SMOLLM2, smollm2_gguf
         from crystal_cli.sampling.llama_backend import LlamaModel
 
+        self.min_distance = check_min_distance(min_distance)
         self.path = smollm2_gguf() if str(model) == SMOLLM2 else Path(model)
         self.adapter = adapter
         self.model = LlamaModel(self.path, adapter=adapter, threads=threads)
         self.temperature, self.top_p, self.parallel, self.threads = temperature, top_p, parallel, threads
 
     def describe(self) -> tuple[dict, dict]:
-        options = {"temperature": self.temperature, "top_p": self.top_p, "threads": self.threads}
+        options = {"temperature": self.temperature, "top_p": self.top_p, "threads": self.threads,
+                   "min_distance": self.min_distance}
         return options, {"model": runs.input_record(self.path), "adapter": runs.input_record(self.adapter)}
 
     def draw(self, target: Structure, count: int, rng: np.random.Generator) -> list[Structure | str]:
@@ -213,7 +217,8 @@ class LLMSamples:
         settings = SamplingSettings(temperature=self.temperature, top_p=self.top_p,
                                     max_new_tokens=max_new_tokens(len(target)), parallel=min(self.parallel, count),
                                     threads=self.threads)
-        sampler = BatchedSampler(self.model, settings, crystal_gbnf(len(target), exact))
+        guard = GuardSettings(self.min_distance, exact) if self.min_distance > 0 else None
+        sampler = BatchedSampler(self.model, settings, crystal_gbnf(len(target), exact), guard)
         jobs = [Job(k, int(rng.integers(2**31 - 1))) for k in range(count)]
         try:
             finished = sorted(sampler.run(conditional_prompt({"formula": formula}), jobs), key=lambda f: f.index)
@@ -222,7 +227,10 @@ class LLMSamples:
         out: list[Structure | str] = []
         for sample in finished:
             parsed = parse_crystal(sample.text)
-            out.append(parsed.structure if parsed.ok else (parsed.reason.value if sample.ended else "max_tokens"))
+            if sample.failure:
+                out.append(sample.failure)
+            else:
+                out.append(parsed.structure if parsed.ok else (parsed.reason.value if sample.ended else "max_tokens"))
         return out
 
 

@@ -24,6 +24,7 @@ from crystal_cli.errors import CrystalError
 from crystal_cli.export import QUANTS
 from crystal_cli.grammar import ELEMENTS, crystal_gbnf, formula_constraint, max_new_tokens
 from crystal_cli.models import LLM, model_fingerprint, resolve_model
+from crystal_cli.sampling.guard import MIN_DISTANCE, GuardSettings, check_min_distance
 from crystal_cli.sampling.llama_backend import Finished, Job, SamplingSettings, job_seed
 from crystal_cli.structure_io import FORMATS, StructureAppender, append_jsonl, read_jsonl, write_structures
 
@@ -56,6 +57,7 @@ class GenerateOptions:
     threads: int | None = None
     infill: Path | None = None
     mask: str | None = None
+    min_distance: float | None = None  # Å between any two atoms (sampling/guard.py); None: 0.5 with the grammar, 0 = off
 
 
 @dataclass
@@ -70,6 +72,7 @@ class GenerateSummary:
     tokens: int = 0
     seconds: float = 0.0
     rankings: list[dict] = field(default_factory=list)  # infill: per input structure, ranked candidates
+    guard_masked: int = 0  # tokens the distance guard masked, over the samples drawn
     adopted: int = 0  # rows of a pre-manifest sidecar this resume took over (their model was never recorded)
 
     @property
@@ -115,6 +118,27 @@ def _check_common(options: GenerateOptions) -> None:
         raise CrystalError(f"--max-atoms must be >= 1, got {options.max_atoms}")
     if options.quant != "auto" and options.quant not in QUANTS:
         raise CrystalError(f"--quant {options.quant!r}: choose from auto, {', '.join(QUANTS)}")
+    if options.min_distance is not None:
+        check_min_distance(options.min_distance)
+        if options.min_distance > 0 and not options.grammar:
+            raise CrystalError("--min-distance needs the grammar (the guard reads grammatical text): drop --no-grammar "
+                               "or pass --min-distance 0")
+
+
+def min_distance(options: GenerateOptions) -> float:
+    """The distance the guard keeps (0: off): --min-distance, by default MIN_DISTANCE under the grammar."""
+    if options.min_distance is not None:
+        return options.min_distance
+    return MIN_DISTANCE if options.grammar else 0.0
+
+
+def guard_settings(options: GenerateOptions) -> GuardSettings | None:
+    """The distance guard for these options (None when off); with --formula its volume floor per formula unit."""
+    distance = min_distance(options)
+    if distance <= 0:
+        return None
+    constraint = formula_constraint(options.formula, options.max_atoms) if options.formula else None
+    return GuardSettings(distance, constraint)
 
 
 def prompt_and_grammar(options: GenerateOptions) -> tuple[str, str | None]:
@@ -151,7 +175,7 @@ class _LlamaBackend:
         if options.adapter is not None and check_gguf_model(options.adapter) != "adapter":
             raise CrystalError(f"{options.adapter}: not a GGUF LoRA adapter (crystal export --adapter-only)")
         self.model = LlamaModel(gguf, options.adapter, options.threads)
-        self.sampler = BatchedSampler(self.model, settings, gbnf)
+        self.sampler = BatchedSampler(self.model, settings, gbnf, guard_settings(options) if gbnf else None)
         self.settings = settings
 
     def run(self, prompt: str, jobs: list[Job]):
@@ -190,7 +214,9 @@ class _TransformersBackend:
             grammar, self.vocab_model = load_vocab_grammar(source_gguf(base_dir) or smollm2_gguf(), gbnf)
         self.grammar = grammar
         end_tokens = self.vocab_model.end_tokens if self.vocab_model is not None else ()
-        self.sampler = HFSampler(self.model, self.tokenizer, settings, grammar, end_tokens)
+        guard = guard_settings(options) if grammar is not None else None
+        pieces = self.vocab_model.piece_texts() if guard is not None else None
+        self.sampler = HFSampler(self.model, self.tokenizer, settings, grammar, end_tokens, guard, pieces)
         self.settings = settings
 
     def run(self, prompt: str, jobs: list[Job]):
@@ -249,7 +275,7 @@ def _provenance(options: GenerateOptions, inputs: dict, quant: str) -> dict:
     """What every sidecar row records about how it was drawn (the run's manifest holds the rest)."""
     return {"model": inputs["model"]["path"], "model_sha256": inputs["model"]["sha256"], "quant": quant,
             "backend": options.backend, "temperature": options.temperature, "top_p": options.top_p,
-            "max_atoms": options.max_atoms, "run_seed": options.seed}
+            "max_atoms": options.max_atoms, "run_seed": options.seed, "min_distance": min_distance(options)}
 
 
 def _adopt_samples(sidecar: Path, rows: list[dict], prompt: str, seed: int) -> dict:
@@ -260,10 +286,14 @@ def _adopt_samples(sidecar: Path, rows: list[dict], prompt: str, seed: int) -> d
         if "index" in row and row.get("seed") != job_seed(seed, int(row["index"])):
             raise CrystalError(f"{sidecar}: --resume with --seed {seed}, but its samples were drawn with another seed "
                                f"(row id {row.get('id')})")
-    return {"rows": len(rows), "unchecked": ["model", "quant", "backend", "temperature", "top_p", "max_atoms", "grammar"]}
+    return {"rows": len(rows), "unchecked": ["model", "quant", "backend", "temperature", "top_p", "max_atoms", "grammar",
+                                       "min_distance"]}
 
 
 # ----------------------------------------------------------------------------------------- generate
+
+_NO_ROOM = "the distance guard found no position for the next site the grammar requires"
+
 
 def _row(finished: Finished, name: str, prompt: str, provenance: dict) -> tuple[dict, object]:
     parsed = codec.parse_crystal(finished.text)
@@ -275,11 +305,12 @@ def _row(finished: Finished, name: str, prompt: str, provenance: dict) -> tuple[
         "index": finished.index,
         "prompt": prompt,
         "text": finished.text,
-        "status": "ok" if parsed.ok else parsed.reason.value,
-        "detail": detail,
+        "status": finished.failure or ("ok" if parsed.ok else parsed.reason.value),
+        "detail": _NO_ROOM if finished.failure == "no_room" else detail,
         "seconds": round(finished.seconds, 3),
         "seed": finished.seed,
         "tokens": finished.tokens,
+        "guard_masked": finished.guard_masked,
         **provenance,
     }
     return row, parsed.structure
@@ -333,6 +364,7 @@ def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummar
 def _count(summary: GenerateSummary, row: dict, started: float) -> None:
     summary.generated += 1
     summary.tokens += row.get("tokens", 0)
+    summary.guard_masked += row.get("guard_masked", 0)
     if row["status"] == "ok":
         summary.ok += 1
     else:

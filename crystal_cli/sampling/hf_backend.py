@@ -2,7 +2,9 @@
 
 It is the reference implementation (same prompts, same grammar) and the fallback where llama.cpp is not
 built. The grammar is llama.cpp's own engine on a vocabulary-only load of the base's GGUF (same token ids as
-the transformers tokenizer), applied as a LogitsProcessor, so both backends enforce identical constraints.
+the transformers tokenizer), applied as a LogitsProcessor, so both backends enforce identical constraints;
+the distance guard rides in the same processor (one GuardState per row, fed the same token texts), and a
+row it leaves without a token is ended with end of text and reported as "no_room".
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from crystal_cli.sampling.guard import DistanceGuard, GuardSettings
 from crystal_cli.sampling.llama_backend import Finished, Job, SamplingSettings
 
 
@@ -26,14 +29,19 @@ def load_vocab_grammar(tokenizer_gguf: Path, gbnf: str):
 
 
 class _GrammarProcessor:
-    """LogitsProcessor: rows still generating get every grammar-rejected token masked to -inf."""
+    """LogitsProcessor: rows still generating get every grammar-rejected (and guard-masked) token at -inf."""
 
-    def __init__(self, engine, batch: int, prompt_width: int, end_tokens: set[int]):
+    def __init__(self, engine, batch: int, prompt_width: int, end_tokens: set[int], eos: int,
+                 guard: DistanceGuard | None = None):
         self.engine = engine
         self.samplers = [engine.new_sampler() for _ in range(batch)]
         self.prompt_width = prompt_width
         self.end_tokens = end_tokens
+        self.eos = eos
         self.done = [False] * batch
+        self.guard = guard
+        self.states = [guard.new_state() for _ in range(batch)] if guard is not None else None
+        self.failed = [False] * batch
         from crystal_cli.grammar import CandidateArray
 
         self.candidates = CandidateArray(len(engine.shortlist))
@@ -56,9 +64,22 @@ class _GrammarProcessor:
                     masked[row] = scores[row]
                     continue
                 self.engine.accept(sampler, token)
+                if self.states is not None:
+                    self.states[row].accept(self.guard.pieces[token])
             allowed = self.engine.mask(sampler, self.candidates, rows[row])
+            if self.states is not None and self.states[row].checking:
+                open_ = np.flatnonzero(np.isfinite(allowed))
+                keep = self.states[row].allowed(self.engine.shortlist[open_])
+                allowed[open_[~keep]] = -np.inf
+                if not keep.any():  # no room: end the row here
+                    self.failed[row] = True
+                    masked[row, self.eos] = 0.0
+                    continue
             masked[row, shortlist] = torch.as_tensor(allowed, dtype=scores.dtype, device=scores.device)
         return masked
+
+    def masked_counts(self) -> list[int]:
+        return [state.masked for state in self.states] if self.states is not None else [0] * len(self.samplers)
 
     def close(self) -> None:
         import llama_cpp
@@ -70,13 +91,17 @@ class _GrammarProcessor:
 class HFSampler:
     """Draws samples of one prompt with transformers, `parallel` at a time."""
 
-    def __init__(self, model, tokenizer, settings: SamplingSettings, grammar=None, end_tokens: Sequence[int] = ()):
+    def __init__(self, model, tokenizer, settings: SamplingSettings, grammar=None, end_tokens: Sequence[int] = (),
+                 guard: GuardSettings | None = None, pieces: Sequence[str] | None = None):
+        if guard is not None and (grammar is None or pieces is None):
+            raise ValueError("the distance guard needs the grammar and the vocabulary's token texts")
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
         self.grammar = grammar  # a GrammarEngine on the same vocabulary, or None
         # every end-of-generation token llama.cpp knows (<|endoftext|> as well as eos), as the grammar allows them
         self.end_tokens = sorted(set(end_tokens) | {tokenizer.eos_token_id})
+        self.guard = DistanceGuard(guard, pieces) if guard is not None else None
 
     def run(self, prompt: str, jobs: Sequence[Job]) -> Iterator[Finished]:
         import torch
@@ -90,7 +115,8 @@ class HFSampler:
             width = encoded["input_ids"].shape[1]
             processors = []
             if self.grammar is not None:
-                processors.append(_GrammarProcessor(self.grammar, len(chunk), width, end_tokens))
+                processors.append(_GrammarProcessor(self.grammar, len(chunk), width, end_tokens,
+                                                    self.tokenizer.eos_token_id, self.guard))
             sampling = settings.temperature > 0
             options = {"do_sample": sampling, "max_new_tokens": settings.max_new_tokens,
                        "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.end_tokens}
@@ -105,11 +131,15 @@ class HFSampler:
                 for processor in processors:
                     processor.close()
             seconds = time.perf_counter() - started
-            for job, row in zip(chunk, output[:, width:].tolist()):
+            failed = processors[0].failed if processors else [False] * len(chunk)
+            masked = processors[0].masked_counts() if processors else [0] * len(chunk)
+            for k, (job, row) in enumerate(zip(chunk, output[:, width:].tolist())):
                 ends = [i for i, token in enumerate(row) if token in end_tokens]
                 body = row[: ends[0]] if ends else row
                 text = self.tokenizer.decode(body, skip_special_tokens=False)
-                yield Finished(job.index, job.seed, text, len(body) + bool(ends), seconds, bool(ends))
+                ended = bool(ends) and not failed[k]
+                yield Finished(job.index, job.seed, text, len(body) + ended, seconds, ended,
+                               "no_room" if failed[k] else "", masked[k])
 
 
 def score_continuations(model, tokenizer, prompt: str, continuations: Sequence[Sequence[int]], parallel: int = 32) -> list[float]:

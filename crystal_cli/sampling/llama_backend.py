@@ -11,6 +11,11 @@ appended without sampling and decoded without logits. The sampled distribution i
 has probability 1 under the masked distribution); the vocabulary projection and the sampler chain are
 skipped for every forced token.
 
+With a distance guard (sampling/guard.py) each sequence also carries a GuardState: after every appended
+token it masks the grammar-allowed tokens that would leave no far-enough position (that set is what the
+forced-token check computes anyway), the sampled token is drawn with those at -inf, a token the two leave
+alone is forced like any other, and a sequence with no token left ends as the failure "no_room".
+
 Every decode holds exactly one token of each running sequence, and running sequences always occupy slots
 0..k-1 (a slot that empties while others still run takes over the highest one's KV cells). Both matter:
 with one KV stream per sequence llama.cpp splits a batch into micro-batches of *consecutive* sequence ids
@@ -33,6 +38,7 @@ import numpy as np
 from crystal_cli.errors import CrystalError
 from crystal_cli.grammar import CandidateArray, GrammarEngine, crystal_shortlist
 from crystal_cli.runtime import quiet_llama_cpp
+from crystal_cli.sampling.guard import DistanceGuard, GuardSettings, GuardState
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,9 @@ class Finished:
     text: str
     tokens: int
     seconds: float
-    ended: bool  # False when max_new_tokens cut it off
+    ended: bool  # False when max_new_tokens cut it off, or on a failure
+    failure: str = ""  # "no_room": the distance guard left no token
+    guard_masked: int = 0  # grammar-allowed tokens the distance guard masked, summed over the steps
 
 
 def job_seed(seed: int, index: int) -> int:
@@ -98,6 +106,10 @@ class LlamaModel:
 
     # ------------------------------------------------------------------------------------ vocabulary
 
+    def piece_texts(self) -> list[str]:
+        """The text of every token (what the distance guard reads)."""
+        return [p.decode("utf-8", errors="replace") for p in self.pieces]
+
     @property
     def pieces(self) -> list[bytes]:
         """The bytes of every token (control tokens are empty)."""
@@ -125,7 +137,7 @@ class LlamaModel:
 
     def grammar(self, gbnf: str) -> GrammarEngine:
         if self._shortlist is None:
-            self._shortlist = crystal_shortlist([p.decode("utf-8", errors="replace") for p in self.pieces], self.end_tokens)
+            self._shortlist = crystal_shortlist(self.piece_texts(), self.end_tokens)
         return GrammarEngine(self.vocab, gbnf, self._shortlist)
 
     # -------------------------------------------------------------------------------------- contexts
@@ -208,17 +220,26 @@ class _Slot:
     started: float
     tokens: list[int] = field(default_factory=list)
     decoded: int = 0  # tokens[:decoded] are in the KV cache
+    guard: GuardState | None = None
+    banned: np.ndarray | None = None  # shortlist positions the guard masks at the next sampled token
+    failure: str = ""
 
 
 class BatchedSampler:
     """Draws many samples of one prompt with `parallel` sequences in flight."""
 
-    def __init__(self, model: LlamaModel, settings: SamplingSettings, gbnf: str | None):
+    def __init__(self, model: LlamaModel, settings: SamplingSettings, gbnf: str | None,
+                 guard: GuardSettings | None = None):
+        if guard is not None and not gbnf:
+            raise ValueError("the distance guard reads grammatical text: it needs the grammar")
         self.model = model
         self.settings = settings
         self.grammar = model.grammar(gbnf) if gbnf else None
         self.candidates_ids = self.grammar.shortlist if self.grammar else np.arange(model.n_vocab, dtype=np.int32)
         self._zeros = np.zeros(len(self.candidates_ids), dtype=np.float32)
+        self.guard = DistanceGuard(guard, model.piece_texts()) if guard is not None else None
+        self._position = np.full(model.n_vocab, -1, dtype=np.int64)  # token id -> index in candidates_ids
+        self._position[self.candidates_ids] = np.arange(len(self.candidates_ids))
 
     def _chain(self, seed: int):
         llama = self.model._llama
@@ -234,32 +255,55 @@ class BatchedSampler:
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
         return chain
 
-    def _sample(self, chain, candidates: CandidateArray, row: np.ndarray) -> int:
+    def _sample(self, chain, candidates: CandidateArray, row: np.ndarray, banned: np.ndarray | None = None) -> int:
         llama = self.model._llama
         ids = self.candidates_ids
         candidates.load(ids, row[ids] if self.grammar is not None else row)
+        if banned is not None:
+            candidates.buffer["logit"][banned] = -np.inf
         llama.llama_sampler_apply(chain, candidates.pointer)
         token = candidates.selected_token()
         llama.llama_sampler_accept(chain, token)
         return token
 
-    def _extend(self, slot: _Slot, candidates: CandidateArray, row: np.ndarray, end_tokens: set[int]) -> None:
-        """Sample slot's next token from `row`, then append the tokens the grammar forces after it."""
-        slot.tokens.append(self._sample(slot.chain, candidates, row))
-        if self.grammar is None or not self.settings.skip_forced:
-            return
+    def _allowed(self, slot: _Slot, candidates: CandidateArray) -> np.ndarray:
+        """Token ids the slot's grammar allows next, less those its guard masks (recorded in slot.banned;
+        none left: slot.failure)."""
         llama = self.model._llama
-        grammar = llama.llama_sampler_chain_get(slot.chain, 0)
+        candidates.load(self.candidates_ids, self._zeros)
+        llama.llama_sampler_apply(llama.llama_sampler_chain_get(slot.chain, 0), candidates.pointer)
+        allowed = candidates.view()
+        allowed = allowed["id"][np.isfinite(allowed["logit"])]
+        slot.banned = None
+        if slot.guard is not None and slot.guard.checking:
+            keep = slot.guard.allowed(allowed)
+            if not keep.any():
+                slot.failure = "no_room"
+            elif not keep.all():
+                slot.banned = self._position[allowed[~keep]]
+            allowed = allowed[keep]
+        return allowed
+
+    def _extend(self, slot: _Slot, candidates: CandidateArray, row: np.ndarray, end_tokens: set[int]) -> None:
+        """Sample slot's next token from `row`, then append the tokens the grammar (and guard) force after it."""
+        slot.tokens.append(self._sample(slot.chain, candidates, row, slot.banned))
+        slot.banned = None
+        skip_forced = self.settings.skip_forced
+        if self.grammar is None or not (skip_forced or slot.guard is not None):
+            return
+        pieces = self.guard.pieces if self.guard is not None else None
         while slot.tokens[-1] not in end_tokens and len(slot.tokens) < self.settings.max_new_tokens:
-            candidates.load(self.candidates_ids, self._zeros)
-            llama.llama_sampler_apply(grammar, candidates.pointer)
-            allowed = candidates.view()
-            allowed = allowed["id"][np.isfinite(allowed["logit"])]
-            if len(allowed) != 1:
+            if slot.guard is not None:
+                slot.guard.accept(pieces[slot.tokens[-1]])
+                if not skip_forced and not slot.guard.checking:
+                    return
+            allowed = self._allowed(slot, candidates)
+            if not skip_forced or len(allowed) != 1:
                 return
             token = int(allowed[0])
-            llama.llama_sampler_accept(slot.chain, token)
+            self.model._llama.llama_sampler_accept(slot.chain, token)
             slot.tokens.append(token)
+            slot.banned = None
 
     def run(self, prompt: str, jobs: Sequence[Job]) -> Iterator[Finished]:
         """Yields each sample as it finishes (not in job order)."""
@@ -286,7 +330,12 @@ class BatchedSampler:
             def start(s: int) -> None:
                 job = pending.pop()
                 slot = _Slot(job, self._chain(job.seed), time.perf_counter())
-                self._extend(slot, candidates, prompt_logits, end_tokens)
+                if self.guard is not None:
+                    slot.guard = self.guard.new_state()
+                    if slot.guard.checking:
+                        self._allowed(slot, candidates)
+                if not slot.failure:
+                    self._extend(slot, candidates, prompt_logits, end_tokens)
                 slots[s] = slot
 
             def finish(s: int, ended: bool) -> Finished:
@@ -295,7 +344,8 @@ class BatchedSampler:
                 llama.llama_memory_seq_rm(memory, s, n_prompt, -1)
                 body = slot.tokens[:-1] if ended else slot.tokens
                 return Finished(slot.job.index, slot.job.seed, model.detokenize(body), len(slot.tokens),
-                                time.perf_counter() - slot.started, ended)
+                                time.perf_counter() - slot.started, ended, slot.failure,
+                                slot.guard.masked if slot.guard is not None else 0)
 
             def compact() -> None:
                 """Move the highest running slots into the empty ones below them (a KV stream copy each)."""
@@ -309,12 +359,17 @@ class BatchedSampler:
             for s in range(n_slots):
                 start(s)
             while slots:
-                done = [s for s, slot in slots.items() if slot.tokens[-1] in end_tokens]
-                done_cut = [s for s, slot in slots.items() if s not in done and len(slot.tokens) >= settings.max_new_tokens]
-                for s in done + done_cut:
-                    yield finish(s, s in done)
-                    if pending:
-                        start(s)
+                while True:  # again while a refilled slot is over at once (the guard found no room)
+                    done = [s for s, slot in slots.items() if not slot.failure and slot.tokens[-1:] and
+                            slot.tokens[-1] in end_tokens]
+                    done_cut = [s for s, slot in slots.items() if s not in done and
+                                (slot.failure or len(slot.tokens) >= settings.max_new_tokens)]
+                    if not done and not done_cut:
+                        break
+                    for s in done + done_cut:
+                        yield finish(s, s in done)
+                        if pending:
+                            start(s)
                 if not slots:
                     break
                 compact()
