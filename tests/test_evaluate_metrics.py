@@ -147,3 +147,19 @@ def test_real_mp20_rows_are_valid():
     checks = [validity.check(Structure.from_str(cif, fmt="cif")) for cif in frame["cif"]]
     assert sum(c.structural for c in checks) == 30
     assert sum(c.compositional for c in checks) >= 24  # CDVAE reports ~91 % for MP-20 test
+
+
+def test_compositional_validity_of_a_twenty_element_composition_returns_at_once():
+    """smact enumerates every oxidation-state combination; a 20-element sample (a weak model writes them)
+    would take hours. It is refused up front with its own reason."""
+    import time
+
+    from pymatgen.core import Composition
+
+    from crystal_cli.evaluate.validity import compositional_validity
+
+    formula = "EuDyLuMgUVGaFeCuTcNiSnBHWCSXeIF"
+    start = time.perf_counter()
+    assert compositional_validity(Composition(formula)) == (False, "too_many_oxidation_states")
+    assert time.perf_counter() - start < 5
+    assert compositional_validity(Composition("LiFePO4")) == (True, "")

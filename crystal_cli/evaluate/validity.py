@@ -8,6 +8,7 @@ alloys pass. Each failure carries a reason so reports can break invalid samples 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -16,6 +17,7 @@ from pymatgen.core import Composition, Structure
 
 MIN_DISTANCE = 0.5  # Å
 MIN_VOLUME = 0.1  # Å^3
+MAX_OXIDATION_COMBINATIONS = 50_000  # oxidation-state assignments smact may enumerate (well under 1 s)
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,18 @@ def compositional_validity(composition: Composition) -> tuple[bool, str]:
 def _smact_validity(symbols: tuple[str, ...], counts: tuple[int, ...]) -> tuple[bool, str]:
     """smact's own smact_validity with CDVAE's settings (smact 2.2.1's default oxidation states are the set
     smact now calls "smact14"); when it fails, the same test without the Pauling criterion says which part."""
+    import smact
     from smact.screening import smact_validity
 
+    # smact enumerates every combination of the elements' oxidation states: 20 distinct elements (which a
+    # weak model does write) would take hours. Beyond MAX_OXIDATION_COMBINATIONS it is not run; such a
+    # composition (mostly pure metals pass earlier inside smact, so this is 8+ multivalent elements) counts
+    # as compositionally invalid, reason "too_many_oxidation_states". CDVAE's code would not finish on it.
+    if len(symbols) > 1 and not all(symbol in smact.metals for symbol in symbols):
+        elements = smact.element_dictionary(symbols)
+        combinations = math.prod(max(1, len(elements[s].oxidation_states_smact14 or [])) for s in symbols)
+        if combinations > MAX_OXIDATION_COMBINATIONS:
+            return False, "too_many_oxidation_states"
     composition = Composition(dict(zip(symbols, counts)))
     if smact_validity(composition, oxidation_states_set="smact14"):
         return True, ""
