@@ -52,7 +52,27 @@ def show(name: str, r: dict) -> None:
           f"comp. valid {r['compositional_validity']:6.1%}  no_room {r['no_room']}  {r['seconds']:6.1f} s", flush=True)
 
 
-COUNTS = ("n", "seconds", "tokens", "parsed", "structural", "compositional", "distance_ok", "no_room", "guard_masked")
+COUNTS = ("n", "seconds", "tokens", "parsed", "atoms", "structural", "compositional", "distance_ok", "no_room",
+          "guard_masked", "guard_seconds")
+GUARD_SECONDS = [0.0]  # time spent in the distance guard's own code (timed_guard), whatever the host's load
+
+
+def timed_guard() -> None:
+    """Time every GuardState call (text bookkeeping, masks, stencils): the guard's compute cost measured
+    directly, which contention on a shared host inflates no more than it inflates the decode."""
+    from crystal_cli.sampling.guard import GuardState
+
+    def timed(method):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                GUARD_SECONDS[0] += time.perf_counter() - start
+        return wrapper
+
+    GuardState.accept = timed(GuardState.accept)
+    GuardState.allowed = timed(GuardState.allowed)
 
 
 def run_backend(sampler, prompt: str, jobs, min_distance: float) -> dict:
@@ -61,16 +81,19 @@ def run_backend(sampler, prompt: str, jobs, min_distance: float) -> dict:
     from crystal_cli.evaluate.validity import compositional_validity, structural_validity
     from crystal_cli.sampling.guard import shortest_distance
 
+    GUARD_SECONDS[0] = 0.0
     start = time.perf_counter()
     finished = list(sampler.run(prompt, jobs))
     seconds = time.perf_counter() - start
     structures = [s for s in (codec.parse_crystal(f.text).structure for f in finished) if s is not None]
+    shortest = [shortest_distance(s) for s in structures]
     return {"n": len(finished), "seconds": seconds, "tokens": sum(f.tokens for f in finished), "parsed": len(structures),
+            "atoms": sum(len(s) for s in structures),
             "structural": sum(structural_validity(s)[0] for s in structures),
             "compositional": sum(compositional_validity(s.composition)[0] for s in structures),
-            "distance_ok": sum((shortest_distance(s) or float("inf")) >= min_distance for s in structures),
+            "distance_ok": sum(d is None or d >= min_distance for d in shortest),
             "no_room": sum(f.failure == "no_room" for f in finished),
-            "guard_masked": sum(f.guard_masked for f in finished)}
+            "guard_masked": sum(f.guard_masked for f in finished), "guard_seconds": GUARD_SECONDS[0]}
 
 
 def rates(counts: dict) -> dict:
@@ -79,7 +102,8 @@ def rates(counts: dict) -> dict:
     return counts | {"structures_per_s": n / counts["seconds"], "tokens_per_s": counts["tokens"] / counts["seconds"],
                      "parse_rate": counts["parsed"] / n, "structural_validity": counts["structural"] / n,
                      "compositional_validity": counts["compositional"] / n,
-                     "distance_ok_rate": counts["distance_ok"] / n}
+                     "distance_ok_rate": counts["distance_ok"] / n, "atoms_per_sample": counts["atoms"] / n,
+                     "guard_share": counts["guard_seconds"] / counts["seconds"]}
 
 
 def main() -> None:
@@ -99,7 +123,8 @@ def main() -> None:
     parser.add_argument("--min-distance", type=float, default=0.5, help="the guard row's --min-distance, Å")
     parser.add_argument("--formula", help="prompt and grammar with this --formula (the guard adds its volume floor)")
     parser.add_argument("--guard-only", action="store_true", help="only llama.cpp with the grammar, guard off and on")
-    parser.add_argument("--repeats", type=int, default=1, help="run the rows this many times, alternating (less noise)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the rows this many times, alternating, each time N new samples (run seed = repeat)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
 
@@ -117,7 +142,7 @@ def main() -> None:
     gbnf = crystal_gbnf(args.max_atoms, constraint)
     guard = GuardSettings(check_min_distance(args.min_distance), constraint)
     settings = SamplingSettings(args.temperature, args.top_p, max_new_tokens(args.max_atoms), args.parallel, args.threads)
-    jobs = [Job(i, job_seed(0, i)) for i in range(args.n)]
+    timed_guard()
     report: dict = {"model": args.model, "n": args.n, "parallel": args.parallel, "max_atoms": args.max_atoms,
                     "quant": args.quant, "threads": args.threads, "temperature": args.temperature,
                     "top_p": args.top_p, "formula": args.formula, "min_distance": args.min_distance,
@@ -140,6 +165,7 @@ def main() -> None:
                 model = models[quant]
                 report["params"] = model._llama.llama_model_n_params(model.model)
                 sampler = BatchedSampler(model, run_settings, grammar, run_guard)
+                jobs = [Job(i, job_seed(repeat, i)) for i in range(args.n)]
                 counts = run_backend(sampler, prompt, jobs, args.min_distance)
                 sampler.close()
                 totals[name] = {k: totals.get(name, {}).get(k, 0) + counts[k] for k in COUNTS}
@@ -160,6 +186,7 @@ def main() -> None:
         hf_model, tokenizer = load_trained(args.model, merge=True)
         engine, vocab_model = load_vocab_grammar(source_gguf(base_dir) or smollm2_gguf(), gbnf)
         sampler = HFSampler(hf_model, tokenizer, settings, engine, vocab_model.end_tokens)
+        jobs = [Job(i, job_seed(0, i)) for i in range(args.n)]
         report["transformers_grammar"] = rates(run_backend(sampler, prompt, jobs, args.min_distance))
         show("transformers_grammar", report["transformers_grammar"])
         engine.close()
@@ -178,6 +205,7 @@ def main() -> None:
         report["forced_skip_speedup"] = per_token(report["llama_grammar_no_skip"]) / per_token(report["llama_grammar"])
     off, on = report["llama_grammar"], report["llama_grammar_guard"]
     report["guard_speed_cost"] = 1 - on["structures_per_s"] / off["structures_per_s"]
+    report["guard_token_cost"] = 1 - on["tokens_per_s"] / off["tokens_per_s"]
     for name in names:
         if name in report:
             report[name]["matmul_fraction"] = report[name]["tokens_per_s"] * 2 * params / 1e9 / report["matmul_gflops"]
@@ -194,11 +222,13 @@ def main() -> None:
         print(f"grammar overhead per token (llama.cpp): {report['grammar_overhead_per_token']:+.1%} with forced tokens "
               f"skipped, {report['grammar_overhead_per_token_no_skip']:+.1%} with every token sampled")
         print(f"skipping forced tokens: {report['forced_skip_speedup']:.2f}x tokens/s")
-    print(f"distance guard ({args.min_distance} Å): {report['guard_speed_cost']:+.1%} structures/s cost; structural "
-          f"validity {off['structural_validity']:.1%} -> {on['structural_validity']:.1%}, compositional "
+    print(f"distance guard ({args.min_distance} Å, N={on['n']} each, same seeds): cost {report['guard_speed_cost']:+.1%} "
+          f"structures/s, {report['guard_token_cost']:+.1%} tokens/s; time in the guard's code "
+          f"{on['guard_share']:.1%} of the run; atoms per sample {off['atoms_per_sample']:.1f} -> {on['atoms_per_sample']:.1f}")
+    print(f"  structural validity {off['structural_validity']:.1%} -> {on['structural_validity']:.1%}, compositional "
           f"{off['compositional_validity']:.1%} -> {on['compositional_validity']:.1%}, distances >= {args.min_distance} Å "
           f"{off['distance_ok_rate']:.1%} -> {on['distance_ok_rate']:.1%}, no_room {on['no_room']}, "
-          f"{on['guard_masked'] / on['n']:.1f} tokens masked per sample (N={on['n']} each)")
+          f"{on['guard_masked'] / on['n']:.1f} tokens masked per sample")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -21,9 +21,10 @@ typed failure ``no_room``.
 Room for the formula: with a formula of n sites per formula unit the lattice lines are constrained the
 same way (exact lookahead over the grammar's lengths and angle triples) so that the cell's volume is at
 least n × VOLUME_PER_SITE, and an element may only be written if the grammar's site sequence it commits to
-(k formula units) has room in that volume (k·n × VOLUME_PER_SITE at most the cell's volume). VOLUME_PER_SITE is 8.88 Å³, the 0.5th percentile of volume per atom over the 1,000 MP-20 train rows
-in ../shared/data (8.40 over the 7,344 val rows; the smallest train value is 7.73), or the densest packing
-of spheres of diameter min_distance (d³/√2) where that is larger.
+(k formula units) has room in that volume (k·n × VOLUME_PER_SITE at most the cell's volume).
+VOLUME_PER_SITE is 8.88 Å³, the 0.5th percentile of volume per atom over the 1,000 MP-20 train rows in
+../shared/data (8.40 over the 7,344 val rows; the smallest train value is 7.73), or the densest packing of
+spheres of diameter min_distance (d³/√2) where that is larger.
 """
 
 from __future__ import annotations
@@ -287,8 +288,8 @@ class DistanceGuard:
         )
 
     def lattice_room(self, lengths: list[float], line: str) -> bool:
-        """Can the lattice text so far (`lengths` finished, `line` the angle line or None while the
-        lengths are written) still reach the volume floor under the grammar?"""
+        """Can the lattice text so far (`lengths`: the finished lengths line, if any; `line`: the line
+        being written) still reach the volume floor with some grammatical completion?"""
         target = self.unit_volume * (1 - _VOLUME_SLACK)
         cos, lo, hi, reach_ab, reach_a = _angle_tables()
         if len(lengths) < 3:  # on the lengths line; the best angles reach V/(abc) = 1 (90 90 90)
