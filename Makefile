@@ -43,13 +43,14 @@ test: install
 DEMO := runs/demo
 
 demo: install
+	mkdir -p $(DEMO)
 	$(BIN)/crystal generate --formula LiFePO4 -n 20 --resume -o $(DEMO)/lifepo4.cif
 	$(BIN)/crystal generate -n 20 --temperature 1.0 --resume -o $(DEMO)/unconditional.cif
 	test -f $(DEMO)/hull.json.gz || $(BIN)/crystal hull build -o $(DEMO)/hull.json.gz
 	$(BIN)/crystal evaluate $(DEMO)/lifepo4.jsonl --hull $(DEMO)/hull.json.gz --stability-samples 3 \
-		--steps 100 -o $(DEMO)/eval-lifepo4 --plots $(DEMO)/eval-lifepo4/plots
+		--steps 100 --resume -o $(DEMO)/eval-lifepo4 --plots $(DEMO)/eval-lifepo4/plots
 	$(BIN)/crystal evaluate $(DEMO)/unconditional.jsonl --hull $(DEMO)/hull.json.gz --stability-samples 8 \
-		--steps 100 -o $(DEMO)/eval-unconditional --plots $(DEMO)/eval-unconditional/plots
+		--steps 100 --resume -o $(DEMO)/eval-unconditional --plots $(DEMO)/eval-unconditional/plots
 
 # Speed/quality benchmarks: each prints its measurement next to the alternative's, from one run.
 bench: install

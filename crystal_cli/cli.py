@@ -78,9 +78,27 @@ def _total_then_steps(bar: Progress, description: str):
     return on_progress
 
 
+class _Progress(Progress):
+    """A progress display that appears when its first task moves, so that an input error found before any
+    work is done prints only its one line."""
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def update(self, *args, **kwargs) -> None:
+        if not self.live.is_started:
+            self.start()
+        super().update(*args, **kwargs)
+
+    def advance(self, *args, **kwargs) -> None:
+        if not self.live.is_started:
+            self.start()
+        super().advance(*args, **kwargs)
+
+
 def progress_bar(*extra_columns) -> Progress:
     """The one progress bar style every long command uses."""
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -111,8 +129,11 @@ def encode(
     ] = None,
     val_fraction: Annotated[float, typer.Option(help="Move a seeded fraction of train materials to val.")] = 0.0,
     recipe: Annotated[Optional[Path], typer.Option(help="Data recipe TOML (inputs, splits, options).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace files in the output directory that crystal did not write.")] = False,
 ) -> None:
     """Encode crystal datasets into text records (prompt, completion) for fine-tuning."""
+    import dataclasses
+
     from crystal_cli.encode import EncodeOptions, encode as encode_records, load_recipe, read_id_list
 
     if recipe is not None:
@@ -137,7 +158,7 @@ def encode(
             val_fraction=val_fraction,
         )
         inputs = [(p, None) for p in data]
-    options.max_rows = max_rows
+    options = dataclasses.replace(options, max_rows=max_rows)  # re-checked like every other option
 
     with progress_bar() as bar:
         current: dict[str, int] = {}
@@ -148,7 +169,7 @@ def encode(
             else:
                 bar.advance(current[split])
 
-        stats = encode_records(inputs, output, options, progress=on_progress)
+        stats = encode_records(inputs, output, options, progress=on_progress, overwrite=overwrite)
 
     table = Table(title=f"crystal encode → {output}")
     for column in ("split", "rows read", "structures", "records", "skipped (reason: n)"):
@@ -248,23 +269,19 @@ def perplexity(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write every score as jsonl (lowest perplexity first).")] = None,
     top: Annotated[int, typer.Option(help="Rows to show (lowest perplexity first).")] = 10,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing -o file that crystal did not write.")] = False,
 ) -> None:
     """Per-structure perplexity under a model and IPT (increase in perplexity under translation)."""
-    import dataclasses
-    import json
+    from crystal_cli.perplexity import check_output, perplexity as score, write_scores
 
-    from crystal_cli.perplexity import perplexity as score
-    from crystal_cli.runs import atomic_path
-
+    check_output(output, overwrite)
     with progress_bar() as bar:
         task_id = bar.add_task("perplexity", total=None)
         report = score(model, source, translations=translations, seed=seed, batch_size=batch_size, split=split,
                        limit=limit, device=device, progress=lambda done, total: bar.update(task_id, completed=done, total=total))
     ranked = sorted(report.items, key=lambda s: s.perplexity)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(output) as tmp:
-            tmp.write_text("".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in ranked))
+        write_scores(ranked, output, model, source)
     table = Table(title=f"perplexity of {source} under {model}")
     for column in ("id", "task", "tokens", "perplexity", "IPT"):
         table.add_column(column, justify="left" if column in ("id", "task") else "right")
@@ -290,12 +307,13 @@ def export_command(
     adapter_only: Annotated[
         bool, typer.Option("--adapter-only", help="Write only the LoRA adapter (GGUF LoRA, applied on the base GGUF).")
     ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing -o file that crystal did not write.")] = False,
 ) -> None:
     """Export a fine-tuned run (base + LoRA merged) or a base to a GGUF file llama.cpp loads."""
     from crystal_cli.export import export
 
     with err_console.status(f"exporting {run} → {output}"):
-        result = export(run, output, quant, adapter_only)
+        result = export(run, output, quant, adapter_only, overwrite=overwrite)
     kind = "LoRA adapter" if result.adapter_only else f"model ({result.quant})"
     console.print(f"wrote {result.path}: {kind}, {result.tensors} tensors, {result.bytes / 1e6:.1f} MB")
     if result.adapter_only:
@@ -309,7 +327,10 @@ def generate(
     ] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="samples.cif (+ samples.jsonl sidecar).")] = Path("samples.cif"),
     n: Annotated[int, typer.Option("-n", help="Number of samples (with --resume: the total to reach).")] = 10,
-    formula: Annotated[Optional[str], typer.Option(help="Exact composition, e.g. LiFePO4 (enforced by the grammar).")] = None,
+    formula: Annotated[Optional[str], typer.Option(
+        help="Exact composition, enforced by the grammar: LiFePO4 (any number of formula units within --max-atoms) "
+             "or Li2Fe2P2O8 (exactly these atoms). The prompt states the reduced formula, as the training data does."
+    )] = None,
     spacegroup: Annotated[Optional[int], typer.Option(help="Space group number condition (1-230).")] = None,
     e_hull: Annotated[Optional[float], typer.Option("--e-hull", help="Energy above hull condition, eV/atom.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
@@ -319,6 +340,9 @@ def generate(
     parallel: Annotated[int, typer.Option(help="Sequences decoded at once.")] = 32,
     fmt: Annotated[Optional[str], typer.Option("--format", help="cif, extxyz or jsonl (default: from -o).")] = None,
     resume: Annotated[bool, typer.Option(help="Top an existing output up to -n samples.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start over: replace an existing output and its sidecar, even files crystal did not write.")
+    ] = False,
     backend: Annotated[str, typer.Option(help="llama (llama.cpp, batched) or transformers.")] = "llama",
     grammar: Annotated[bool, typer.Option(help="Constrain sampling with the crystal grammar.")] = True,
     adapter: Annotated[Optional[Path], typer.Option(help="GGUF LoRA adapter applied on a .gguf model.")] = None,
@@ -343,12 +367,18 @@ def generate(
     options = GenerateOptions(
         model=model, output=output, n=n, formula=formula, spacegroup=spacegroup, e_hull=e_hull,
         temperature=temperature, top_p=top_p, seed=seed, max_atoms=max_atoms, parallel=parallel, fmt=fmt,
-        resume=resume, backend=backend, grammar=grammar, adapter=adapter, quant=quant, threads=threads,
+        resume=resume, overwrite=overwrite, backend=backend, grammar=grammar, adapter=adapter, quant=quant, threads=threads,
         infill=infill_file, mask=mask, min_distance=min_distance,
     )
     check_options(options)
+    loading = err_console.status("loading model")  # transient: an error while loading leaves only its line
+    loading.start()
     with progress_bar(TextColumn("{task.fields[speed]}")) as bar:
-        task = bar.add_task("generate", total=None, speed="loading model")
+        task = bar.add_task("generate", total=None, speed="sampling")
+
+        def on_ready() -> None:
+            loading.stop()
+            bar.update(task)
 
         def on_sample(row: dict, summary) -> None:
             total = summary.requested if infill_file is None else None
@@ -356,7 +386,10 @@ def generate(
             bar.update(task, total=total, completed=summary.existing + summary.generated,
                        speed=f"{rate:.2f} structures/s · parsed {summary.parse_rate:.0%}")
 
-        summary = run_generate(options, on_sample)
+        try:
+            summary = run_generate(options, on_sample, on_ready)
+        finally:
+            loading.stop()
     for ranking in summary.rankings:
         table = Table(title=f"{ranking['id']}: replacements for {mask}")
         table.add_column("element")
@@ -367,11 +400,17 @@ def generate(
     if summary.adopted:
         err_console.print(f"[yellow]note:[/] {summary.sidecar} was written before crystal kept run manifests: took over "
                           f"its {summary.adopted} rows, whose model and sampling settings could not be checked")
+    if summary.not_in_file:
+        err_console.print(f"[yellow]note:[/] {summary.not_in_file} parsed samples are not in {summary.output}: their "
+                          f"sites overlap, which pymatgen cannot read back from a CIF; {summary.sidecar} keeps them")
+    if temperature == 0 and summary.generated > 1 and infill_file is None:
+        err_console.print("[yellow]note:[/] --temperature 0 is greedy decoding: every sample of one prompt is the same")
     failures = ", ".join(f"{k}: {v}" for k, v in summary.failures.most_common()) or "none"
     speed = summary.generated / summary.seconds if summary.seconds else 0.0
     console.print(
         f"{summary.generated} new samples ({summary.existing} already there) → {summary.output}, {summary.sidecar}; "
-        f"parsed {summary.ok}/{summary.generated}; failures: {failures}; {speed:.2f} structures/s, "
+        f"parsed {summary.ok}/{summary.generated}, structurally valid (all distances ≥ 0.5 Å) "
+        f"{summary.valid}/{summary.generated}; failures: {failures}; {speed:.2f} structures/s, "
         f"{summary.tokens / summary.seconds if summary.seconds else 0.0:.0f} tokens/s"
         + (f"; distance guard masked {summary.guard_masked} tokens" if summary.guard_masked else "")
     )
@@ -399,10 +438,12 @@ def hull_build(
         Optional[Path], typer.Option(help="MP elemental reference entries (json.gz). "
                                           "Default: ../shared/data/hull/mp_elemental_reference_entries.json.gz")
     ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing -o file that is not a crystal hull.")] = False,
 ) -> None:
     """Build a convex hull (MP frame: MP elemental references + reference formation energies)."""
-    from crystal_cli.evaluate.hull import BuildStats, build_hull, default_elements, default_tables
+    from crystal_cli.evaluate.hull import BuildStats, build_hull, check_output, default_elements, default_tables
 
+    check_output(output, overwrite)
     tables = tables or default_tables()
     elements = elements or default_elements()
     stats = BuildStats()
@@ -500,23 +541,30 @@ def evaluate(
     relaxed_path: Annotated[Optional[Path], typer.Option("--relaxed", help="Write relaxed structures (CIF) here.")] = None,
     plots: Annotated[Optional[Path], typer.Option(help="Directory for PNG plots.")] = None,
     resume: Annotated[bool, typer.Option(help="Reuse finished relaxations from OUTPUT/stability.jsonl.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Relax again and replace existing outputs, even files crystal did not write.")
+    ] = False,
 ) -> None:
     """Judge crystals: validity, uniqueness, novelty, coverage, and stability by ML potential + convex hull."""
-    from crystal_cli.evaluate.pipeline import EvaluateOptions, evaluate as run_evaluation
+    from crystal_cli import runs
+    from crystal_cli.evaluate.pipeline import EvaluateOptions, check_options, evaluate as run_evaluation
     from crystal_cli.evaluate.potential import RelaxSettings
-    from crystal_cli.evaluate.report import OutputPaths, build_report, write_csv, write_json, write_relaxed
+    from crystal_cli.evaluate.report import OutputPaths, build_report, write_outputs
 
-    if workers < 1 or (stability_samples is not None and stability_samples < 1) or steps < 1 or fmax <= 0:
-        raise CrystalError("--workers, --stability-samples and --steps must be >= 1 and --fmax > 0")
     if resume and output is None:
         raise CrystalError("--resume needs -o/--output (the relaxation log lives there)")
-    paths = OutputPaths.of(output, json_path, csv_path, relaxed_path)
+    if resume and overwrite:
+        raise CrystalError("--resume reuses the relaxations and --overwrite redoes them: pass one of them")
+    runs.dir_output(output, "-o")
+    paths = OutputPaths.of(output, json_path, csv_path, relaxed_path, plots)
+    paths.check(stability, overwrite)
     options = EvaluateOptions(
         reference=reference, coverage_reference=coverage_reference, coverage_max_reference=coverage_max_reference,
         hull=hull, potential=potential, stability=stability, stability_samples=stability_samples,
         relax=RelaxSettings(fmax=fmax, max_steps=steps, relax_cell=relax_cell, time_limit=time_limit),
-        seed=seed, workers=workers, stability_log=paths.stability_log, resume=resume,
+        seed=seed, workers=workers, stability_log=paths.stability_log, resume=resume, overwrite=overwrite,
     )
+    check_options(options)
     with progress_bar() as bar:
         def stage(description: str, total: int | None):
             task = bar.add_task(description, total=total)
@@ -529,16 +577,15 @@ def evaluate(
                           "could not be checked")
     report = build_report(evaluation, options, samples)
     _render_report(report)
-    if paths.report:
-        console.print(f"report → {write_json(report, paths.report)}")
-    if paths.relaxed and stability:
-        console.print(f"{write_relaxed(evaluation, paths.relaxed)} relaxed structures → {paths.relaxed}")
-    if paths.csv:
-        console.print(f"per-structure csv → {write_csv(evaluation, paths.csv, paths.relaxed if stability else None)}")
-    if plots:
-        from crystal_cli.evaluate.plots import write_plots
-
-        console.print(f"plots → {', '.join(str(p) for p in write_plots(evaluation, plots))}")
+    written = write_outputs(evaluation, report, paths, samples, stability)
+    if "report" in written:
+        console.print(f"report → {written['report']}")
+    if "relaxed" in written:
+        console.print(f"{written['relaxed'][0]} relaxed structures → {written['relaxed'][1]}")
+    if "csv" in written:
+        console.print(f"per-structure csv → {written['csv']}")
+    if "plots" in written:
+        console.print(f"plots → {', '.join(str(p) for p in written['plots'])}")
 
 
 # <<< evaluate commands
@@ -660,6 +707,9 @@ def refine(
     batch_size: Annotated[int, typer.Option(help="Structures integrated together.")] = 64,
     log: Annotated[Optional[Path], typer.Option(help="Per-structure step log (default OUTPUT.steps.jsonl).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue after the inputs already in the log.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start over: replace an existing output and step log, even files crystal did not write.")
+    ] = False,
     min_distance: Annotated[
         float, typer.Option(help="Report refined structures with two atoms closer than this, Å (the flow can move "
                             "atoms together again).")
@@ -677,7 +727,8 @@ def refine(
     network = load_model(resolve_model(model, FLOW))
     with progress_bar() as bar:
         stats = refine_file(samples, output, network, steps=steps, batch_size=batch_size, log_path=log,
-                            resume=resume, progress=_total_then_steps(bar, "refine"), min_distance=min_distance)
+                            resume=resume, progress=_total_then_steps(bar, "refine"), min_distance=min_distance,
+                            overwrite=overwrite)
     table = Table(title=f"crystal refine → {output}")
     too_close = f"closer than {min_distance:g} Å"
     for column in ("inputs", "refined", too_close, "resumed from", "skipped (reason: n)", "step log"):

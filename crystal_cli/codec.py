@@ -194,14 +194,21 @@ def reduced_formula(structure: Structure) -> str:
 
 
 def parse_formula(formula: str) -> Composition:
-    """A user's formula, validated: known elements, positive amounts. Raises ValueError with the reason."""
+    """A user's formula, validated: not empty, known elements, every written amount positive (pymatgen drops
+    an element written with amount 0, which would silently change the composition). Raises ValueError."""
+    if not formula.strip():
+        raise ValueError("the formula is empty")
     try:
         composition = Composition(formula)
     except Exception as exc:  # pymatgen raises several types for malformed formulas
         raise ValueError(f"malformed formula {formula!r}: {exc}") from None
+    kept = {getattr(el, "symbol", str(el)) for el in composition}
+    dropped = sorted(set(re.findall(r"[A-Z][a-z]*", formula)) - kept)
+    if dropped:
+        raise ValueError(f"formula {formula!r}: {', '.join(dropped)} written with amount 0")
     if len(composition) == 0 or any(amount <= 0 for amount in composition.values()):
         raise ValueError(f"formula {formula!r} has no positive element amounts")
-    unknown = [str(el) for el in composition if not isinstance(el, Element)]
+    unknown = [getattr(el, "symbol", str(el)) for el in composition if not isinstance(el, Element)]
     if unknown:
         raise ValueError(f"formula {formula!r}: unknown element(s) {', '.join(unknown)}")
     return composition

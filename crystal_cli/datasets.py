@@ -14,6 +14,7 @@ import json
 import math
 import re
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,8 @@ def count_entries(files: list[Path]) -> int | None:
 def _load_csv(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path, dtype={"material_id": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, gzip.BadGzipFile, OSError) as exc:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, gzip.BadGzipFile, EOFError,
+            zlib.error, OSError) as exc:  # a cut-off .gz file ends in EOFError
         raise CrystalError(f"{path}: not a readable csv ({exc})") from None
 
 
@@ -212,8 +214,7 @@ def _read_cif(path: Path) -> Iterator[Entry]:
     text = path.read_text(errors="replace")
     starts = [m.start() for m in _CIF_BLOCK.finditer(text)]
     if not starts:
-        yield Entry(id=path.stem, source=str(path), error="unparseable_cif", detail="no data_ block")
-        return
+        raise CrystalError(f"{path}: not a CIF file (no data_ block)")
     for number, (start, end) in enumerate(zip(starts, starts[1:] + [len(text)]), start=1):
         block = text[start:end]
         name = block.split(None, 1)[0].removeprefix("data_") or f"{path.stem}-{number}"

@@ -51,7 +51,9 @@ class EncodeOptions:
         if self.max_atoms is not None and self.max_atoms < 1:
             raise CrystalError(f"--max-atoms must be >= 1, got {self.max_atoms}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise CrystalError(f"val fraction must be in [0, 1), got {self.val_fraction}")
+            raise CrystalError(f"--val-fraction (val_fraction) must be in [0, 1), got {self.val_fraction}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise CrystalError(f"--max-rows must be >= 1, got {self.max_rows}")
 
 
 @dataclass
@@ -153,6 +155,7 @@ class RecordWriter:
 
     def write(self, split: str, record: dict) -> None:
         if split not in self.handles:
+            self.outdir.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             tmp = self.stack.enter_context(runs.atomic_path(self.outdir / f"{split}.jsonl"))
             self.handles[split] = self.stack.enter_context(tmp.open("w"))
         self.handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -163,18 +166,21 @@ def encode(
     outdir: str | Path,
     options: EncodeOptions,
     progress: Callable[[str, int | None], None] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Encode (path, split-or-None) inputs into OUTDIR. Returns the stats dict also written to stats.json.
 
     A split of None keeps the split(s) the path holds (train/val/test files, or the file's own name).
     `progress(split, total)` is called once per input file before reading and with total=None per row.
+    Files already in OUTDIR are replaced only when an earlier encode wrote them, or with `overwrite`.
     """
-    outdir = Path(outdir)
+    outdir = runs.dir_output(outdir, "-o")
     plan: list[tuple[str, Path]] = []
     for path, split in inputs:
         for found_split, files in discover(path):
             plan.extend((split or found_split, f) for f in files)
-    outdir.mkdir(parents=True, exist_ok=True)
+    splits = {split for split, _ in plan} | ({"val"} if options.val_fraction > 0 else set())
+    _claim(outdir, ["stats.json", *(f"{split}.jsonl" for split in sorted(splits))], overwrite)
     stats: dict[str, SplitStats] = {}
     seen: dict[str, set[str]] = {}
     with ExitStack() as stack:
@@ -203,9 +209,8 @@ def encode(
                     split_stats.records += 1
                     split_stats.tasks[record["task"]] += 1
         if not any(s.records for s in stats.values()):
-            raise CrystalError(
-                "nothing was encoded: " + (_skip_summary(stats) or "the inputs hold no rows")
-            )
+            names = ", ".join(str(p) for p in dict.fromkeys(p for _, p in plan))
+            raise CrystalError(f"nothing was encoded from {names}: " + (_skip_summary(stats) or "the inputs hold no rows"))
     result = {
         "inputs": [{"path": str(p), "split": s} for s, p in plan],
         "options": {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in asdict(options).items()
@@ -221,6 +226,20 @@ def encode(
                   outputs=("stats.json", *(f"{name}.jsonl" for name in sorted(writer.handles)))
                   ).save(runs.manifest_path(outdir, directory=True))
     return json.loads(json.dumps(result))
+
+
+def _claim(outdir: Path, names: list[str], overwrite: bool) -> None:
+    """runs.claim for encode's outputs; an OUTDIR written before manifests is recognised by its stats.json."""
+    legacy: set[str] = set()
+    stats = outdir / "stats.json"
+    if stats.is_file() and not runs.owned(stats):
+        try:
+            saved = json.loads(stats.read_text())
+            if {"inputs", "options", "splits"} <= set(saved):
+                legacy = {"stats.json", *(f"{split}.jsonl" for split in saved["splits"])}
+        except (ValueError, TypeError, UnicodeDecodeError):
+            pass
+    runs.claim([outdir / name for name in names if name not in legacy], "encode", overwrite)
 
 
 def _target_split(split: str, material_id: str, options: EncodeOptions) -> str:

@@ -57,6 +57,9 @@ def _resolve_source(source: str | Path) -> _Source:
     if is_run_dir(source):
         info = load_run(source)
         base_dir, adapter_dir = info.base_dir, info.adapter_dir
+    elif Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise CrystalError(f"{source}: not a finetune run directory (no config.json naming its base) "
+                           "nor a transformers model directory")
     else:
         base_dir, adapter_dir = resolve_base(source), None
     return _Source(base_dir, adapter_dir, source_gguf(base_dir) or smollm2_gguf())
@@ -67,10 +70,15 @@ def _check_quant(quant: str) -> None:
         raise CrystalError(f"--quant {quant!r}: choose from {', '.join(QUANTS)}")
 
 
-def export(source: str | Path, output: str | Path, quant: str = "f16", adapter_only: bool = False) -> ExportResult:
-    """Write `output` (.gguf): merged model in `quant`, or with adapter_only the LoRA adapter alone."""
+def export(source: str | Path, output: str | Path, quant: str = "f16", adapter_only: bool = False,
+           overwrite: bool = False) -> ExportResult:
+    """Write `output` (.gguf): merged model in `quant`, or with adapter_only the LoRA adapter alone. An existing
+    file is replaced only when crystal wrote it (an export manifest beside it lists it), or with overwrite."""
+    from crystal_cli.runs import claim, record_outputs
+
     _check_quant(quant)
     output = Path(output)
+    claim((output,), "export", overwrite)
     if not output.parent.is_dir():
         raise CrystalError(f"{output}: directory {output.parent} does not exist")
     if output.suffix != ".gguf":
@@ -83,6 +91,7 @@ def export(source: str | Path, output: str | Path, quant: str = "f16", adapter_o
             tensors = _write_adapter(resolved, tmp, "f32" if quant == "f32" else "f16")
         else:
             tensors = _write_model(resolved, tmp, quant)
+    record_outputs("export", (output,), {"source": str(source), "quant": quant, "adapter_only": adapter_only})
     return ExportResult(output, quant, adapter_only, tensors, output.stat().st_size, resolved.tokenizer_gguf)
 
 

@@ -14,10 +14,16 @@ from crystal_cli.errors import CrystalError
 def read_toml(path: str | Path) -> dict:
     """A recipe file as a dict; a missing file or bad TOML is a CrystalError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CrystalError(f"{path}: is a directory, not a recipe file")
     try:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise CrystalError(f"{path}: no such recipe") from None
+    except UnicodeDecodeError:
+        raise CrystalError(f"{path}: not a text file, so not a TOML recipe") from None
+    except OSError as exc:
+        raise CrystalError(f"{path}: cannot read the recipe ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise CrystalError(f"{path}: invalid TOML ({exc})") from None
 

@@ -20,6 +20,7 @@ a few hundred of 49,152, and every other token would be rejected anyway, so the 
 from __future__ import annotations
 
 import ctypes
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,7 +122,9 @@ def _angle_rules() -> list[str]:
 
 @dataclass(frozen=True)
 class FormulaConstraint:
-    """Sites a --formula allows: elements in training-text order, reduced counts, largest multiple."""
+    """Sites a --formula allows: elements in training-text order, counts per formula unit and the largest
+    number of units. A reduced formula (LiFePO4) allows any whole number of units within --max-atoms; one
+    written with a common factor (Li2Fe2P2O8) is the cell's exact content (one unit)."""
 
     formula: str  # reduced formula, as training prompts write it
     elements: tuple[str, ...]
@@ -143,18 +146,20 @@ def formula_constraint(formula: str, max_atoms: int) -> FormulaConstraint:
     unknown = [str(el) for el in composition.elements if not isinstance(el, Element) or el.Z > MAX_Z]
     if unknown:
         raise CrystalError(f"--formula {formula!r}: element(s) {', '.join(unknown)} not supported (H..Pu only)")
-    reduced = composition.reduced_composition
-    amounts = reduced.get_el_amt_dict()
+    amounts = composition.get_el_amt_dict()
     if any(abs(v - round(v)) > 1e-6 for v in amounts.values()):
         raise CrystalError(f"--formula {formula!r}: amounts must be whole numbers of atoms")
     order = element_order(list(amounts))
-    counts = tuple(int(round(amounts[el])) for el in order)
-    per_formula = sum(counts)
-    if per_formula > max_atoms:
-        raise CrystalError(
-            f"--formula {reduced.reduced_formula} needs {per_formula} atoms per formula unit; --max-atoms is {max_atoms}"
-        )
-    return FormulaConstraint(reduced.reduced_formula, tuple(order), counts, max_atoms // per_formula)
+    written = tuple(int(round(amounts[el])) for el in order)
+    units = math.gcd(*written)
+    reduced = composition.reduced_formula
+    if units > 1:  # written with a common factor: that is the cell's exact content
+        if sum(written) > max_atoms:
+            raise CrystalError(f"--formula {formula} has {sum(written)} atoms; --max-atoms is {max_atoms}")
+        return FormulaConstraint(reduced, tuple(order), written, 1)
+    if sum(written) > max_atoms:
+        raise CrystalError(f"--formula {reduced} needs {sum(written)} atoms per formula unit; --max-atoms is {max_atoms}")
+    return FormulaConstraint(reduced, tuple(order), written, max_atoms // sum(written))
 
 
 def crystal_gbnf(max_atoms: int, formula: FormulaConstraint | None = None) -> str:

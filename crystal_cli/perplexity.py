@@ -173,3 +173,26 @@ def perplexity(
         ipt = float(np.mean(translated) - min(found.values())) if translated else None
         scored.append(Scored(item.id, item.task, token_counts[index], found[0], ipt, translated))
     return PerplexityReport(scored, dict(skipped), translations)
+
+
+def check_output(path: str | Path | None, overwrite: bool = False) -> Path | None:
+    """Where the scores may go: a file path, new or written by an earlier `crystal perplexity` (or overwrite)."""
+    from crystal_cli.runs import claim, file_output
+
+    path = file_output(path, "-o")
+    if path is not None:
+        claim((path,), "perplexity", overwrite)
+    return path
+
+
+def write_scores(ranked: list[Scored], path: str | Path, model: str, source: str | Path) -> Path:
+    """Every score as one jsonl row, atomically, marked as crystal's own (runs.record_outputs)."""
+    import dataclasses
+
+    from crystal_cli.runs import input_record, record_outputs, write_jsonl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, [dataclasses.asdict(s) for s in ranked])
+    record_outputs("perplexity", (path,), {"model": str(model)}, {"source": input_record(source)})
+    return path

@@ -85,6 +85,8 @@ def fingerprint(path: str | Path) -> str:
     """Hex SHA-256 of what a path holds: a file's bytes, or a directory's files (relative names and bytes,
     recursively) leaving out hidden files, checkpoints/ and files that only describe it (_NOT_CONTENT)."""
     path = Path(path)
+    if not path.exists():
+        raise CrystalError(f"{path}: no such file or directory")
     if path.is_file():
         return sha256_file(path)
     digest = hashlib.sha256()
@@ -115,6 +117,28 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def file_output(path: str | Path | None, option: str) -> Path | None:
+    """An output file path checked before any work: not a directory, not inside a file."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise CrystalError(f"{path}: is a directory; {option} names a file to write")
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        raise CrystalError(f"{path}: a parent of it is a file, not a directory ({option})")
+    return path
+
+
+def dir_output(path: str | Path | None, option: str) -> Path | None:
+    """An output directory path checked before any work: not an existing file."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CrystalError(f"{path}: not a directory ({option} names a directory to write into)")
+    return path
 
 
 # -------------------------------------------------------------------------------------------- manifests
@@ -252,6 +276,43 @@ def begin(
                            + " (resume with the same settings, or write to another output)")
     given.created, given.adopted = saved.created, saved.adopted
     return Start(path, given, resumed=True)
+
+
+def owned(path: str | Path) -> bool:
+    """Did crystal write `path`? True when a manifest in its folder (or the folder above: plots/ inside an
+    evaluate directory) lists it among the files its run writes."""
+    path = Path(path).resolve()
+    for folder in (path.parent, path.parent.parent):
+        for candidate in (folder / MANIFEST_NAME, *sorted(folder.glob("*" + MANIFEST_SUFFIX))):
+            try:
+                manifest = Manifest.load(candidate)
+            except CrystalError:
+                continue
+            if manifest is not None and any((candidate.parent / name).resolve() == path for name in manifest.outputs):
+                return True
+    return False
+
+
+def claim(paths, command: str, overwrite: bool = False) -> None:
+    """Refuse (CrystalError, exit 2) to write over an existing file crystal did not write, unless overwrite:
+    a user's own CIF or report never receives crystal's output by accident."""
+    for path in paths:
+        if path is not None and Path(path).exists() and not overwrite and not owned(path):
+            raise CrystalError(f"{path}: exists and was not written by crystal {command}; pass --overwrite to "
+                               "replace it, or choose another output")
+
+
+def record_outputs(stage: str, files, options: dict, inputs: dict | None = None) -> None:
+    """Mark files a command wrote as crystal's own (see `owned`): per folder, STAGE.manifest.json lists them,
+    joined with what an earlier run of the stage wrote there."""
+    groups: dict[Path, list[str]] = {}
+    for file in files:
+        groups.setdefault(Path(file).parent, []).append(Path(file).name)
+    for folder, names in groups.items():
+        path = folder / f"{stage.replace(' ', '-')}{MANIFEST_SUFFIX}"
+        earlier = Manifest.load(path) if path.is_file() else None
+        written = tuple(dict.fromkeys([*(earlier.outputs if earlier else ()), *names]))
+        Manifest(stage, options, inputs=inputs or {}, outputs=written).save(path)
 
 
 def discard(*paths: str | Path) -> None:

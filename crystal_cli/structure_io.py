@@ -33,6 +33,22 @@ def cif_block(structure: Structure, name: str) -> str:
     return "\n".join(lines).rstrip() + "\n\n"
 
 
+def cif_reads_back(block: str, sites: int) -> bool:
+    """Does pymatgen read this CIF block back as one structure with `sites` sites?"""
+    import io
+    import warnings
+
+    from pymatgen.io.cif import CifParser
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            structures = CifParser(io.StringIO(block)).parse_structures(primitive=False, on_error="raise")
+    except Exception:  # pymatgen raises ValueError and others for blocks it rejects
+        return False
+    return len(structures) == 1 and len(structures[0]) == sites
+
+
 def extxyz_frame(structure: Structure, name: str) -> str:
     """One extxyz frame with the lattice and pbc, `id` stored in the comment line."""
     import io
@@ -54,14 +70,20 @@ def structure_record(structure: Structure, name: str) -> str:
 _WRITERS = {"cif": cif_block, "extxyz": extxyz_frame, "jsonl": structure_record}
 
 
+SUFFIXES = {"cif": "cif", "extxyz": "extxyz", "xyz": "extxyz", "jsonl": "jsonl"}
+
+
 def format_for(path: Path, fmt: str | None = None) -> str:
-    """The output format: explicit, else from the file suffix (default cif)."""
+    """The output format: explicit, else from the file suffix (.cif, .extxyz/.xyz, .jsonl; none: cif). Any
+    other suffix is a ValueError: a .vasp or .poscar file must not silently receive CIF text."""
     if fmt:
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
         return fmt
-    suffix = path.suffix.lower().lstrip(".")
-    return {"xyz": "extxyz"}.get(suffix, suffix) if suffix in ("extxyz", "xyz", "jsonl") else "cif"
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix and suffix not in SUFFIXES:
+        raise ValueError(f"{path}: cannot write .{suffix} files; name the output .cif, .extxyz, .xyz or .jsonl")
+    return SUFFIXES.get(suffix, "cif")
 
 
 class StructureAppender:
@@ -72,9 +94,16 @@ class StructureAppender:
         self.fmt = format_for(self.path, fmt)
         self._handle: IO[str] = self.path.open(mode)
 
-    def append(self, structure: Structure, name: str) -> None:
-        self._handle.write(_WRITERS[self.fmt](structure, name))
+    def append(self, structure: Structure, name: str) -> bool:
+        """Write one record; False (nothing written) when it is a CIF block pymatgen would not read back with
+        every site (it merges overlapping sites into one with occupancy > 1): a run's CIF never holds a block
+        its readers reject. The caller says so; jsonl and extxyz keep every structure."""
+        text = _WRITERS[self.fmt](structure, name)
+        if self.fmt == "cif" and not cif_reads_back(text, len(structure)):
+            return False
+        self._handle.write(text)
         self._handle.flush()
+        return True
 
     def close(self) -> None:
         self._handle.close()
@@ -87,13 +116,13 @@ class StructureAppender:
 
 
 def write_structures(path: str | Path, named: Iterable[tuple[str, Structure]], fmt: str | None = None) -> int:
-    """Write all structures to `path` atomically (temporary file + rename). Returns how many."""
+    """Write all structures to `path` atomically (temporary file + rename). Returns how many were written
+    (CIF blocks pymatgen would not read back are left out; see StructureAppender.append)."""
     path = Path(path)
     count = 0
     with atomic_path(path) as tmp, StructureAppender(tmp, format_for(path, fmt), mode="w") as out:
         for name, structure in named:
-            out.append(structure, name)
-            count += 1
+            count += out.append(structure, name)
     return count
 
 

@@ -126,7 +126,7 @@ class Hull:
             entries = {row["formula"]: (float(row["formation_energy_per_atom"]), str(row.get("id", "")))
                        for row in data["entries"]}
             elemental = {el: float(e) for el, e in data["elemental_energies"].items()}
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:  # EOFError: a cut-off .gz
             raise CrystalError(f"{path}: not a crystal hull file ({exc})") from None
         return cls(elemental, entries, data.get("sources", []))
 
@@ -151,7 +151,7 @@ def load_elemental_references(path: str | Path) -> dict[str, float]:
                 raise ValueError(f"entry {entry.entry_id} ({entry.composition.reduced_formula}) is not an element")
             symbol = entry.composition.elements[0].symbol
             energies[symbol] = min(energies.get(symbol, math.inf), entry.energy_per_atom)
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:  # EOFError: a cut-off .gz
         raise CrystalError(f"{path}: not a file of elemental reference entries ({exc})") from None
     return energies
 
@@ -176,6 +176,21 @@ def _row_formula(row: dict, formula_column: str | None) -> str | None:
         if match:
             return match.group(1)
     return None
+
+
+def check_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Where `crystal hull build -o` may write: a new file, or a crystal hull file (rebuilt in place); any
+    other existing file only with overwrite."""
+    from crystal_cli.runs import file_output
+
+    path = file_output(path, "-o")
+    if path.exists() and not overwrite:
+        try:
+            Hull.load(path)
+        except CrystalError:
+            raise CrystalError(f"{path}: exists and is not a crystal hull file; pass --overwrite to replace it, or "
+                               "choose another -o") from None
+    return path
 
 
 def default_tables() -> list[Path]:

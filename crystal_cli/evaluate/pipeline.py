@@ -9,6 +9,7 @@ cannot be relaxed count as not stable).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from crystal_cli import runs
-from crystal_cli.datasets import Entry, read_structures
+from crystal_cli.datasets import Entry, discover, read_structures
 from crystal_cli.errors import CrystalError
 from crystal_cli.evaluate import coverage as coverage_metrics
 from crystal_cli.evaluate import matching, validity
@@ -42,7 +43,8 @@ class EvaluateOptions:
     seed: int = 0
     workers: int = 1
     stability_log: Path | None = None  # jsonl of finished relaxations (+ NAME.manifest.json beside it)
-    resume: bool = True  # reuse the log's relaxations (same settings only); False: start the log over
+    resume: bool = True  # reuse the log's relaxations (same settings only)
+    overwrite: bool = False  # relax again: replace the log (refused without resume or overwrite when it holds rows)
 
 
 @dataclass
@@ -121,7 +123,8 @@ STABILITY_RESUME_SAFE = ("workers", "stability_samples", "seed", "samples")
 
 def stability_run(path: Path, options: EvaluateOptions) -> runs.Start:
     """The resume rule for the stability log: with options.resume its potential, relaxation settings and hull
-    must match. Without it the old log is discarded, but only when relaxing starts (every input checked)."""
+    must match; with options.overwrite it is replaced, but only when relaxing starts (every input checked);
+    with neither, a log holding relaxations is refused, and so is a file crystal did not write."""
     log = options.stability_log
     manifest = runs.Manifest(
         "evaluate", {"potential": options.potential, "fmax": options.relax.fmax, "steps": options.relax.max_steps,
@@ -131,14 +134,38 @@ def stability_run(path: Path, options: EvaluateOptions) -> runs.Start:
                 "potential": runs.input_record(options.potential) if Path(options.potential).exists() else None},
         safe=STABILITY_RESUME_SAFE, outputs=(log.name,),
     )
-    rows = read_jsonl(log) if options.resume else []
+    rows = [] if options.overwrite else read_jsonl(log)
+    if rows and not options.resume:
+        raise CrystalError(f"{log} holds {len(rows)} relaxations: pass --resume to reuse them, or --overwrite to "
+                           "relax again")
+    if not rows:
+        runs.claim((log,), "evaluate", options.overwrite)
     unchecked = ["potential", "fmax", "steps", "relax_cell", "time_limit", "hull"]
     return runs.begin(runs.manifest_path(log), manifest, resume=True, existing=bool(rows), exists_message="",
                       adopt=lambda: {"rows": len(rows), "unchecked": unchecked})
 
 
+def check_options(options: EvaluateOptions) -> None:
+    """Every option and input check that reads no samples: run before any work, so a typo costs nothing."""
+    relax = options.relax
+    for flag, value in (("--workers", options.workers), ("--stability-samples", options.stability_samples),
+                        ("--coverage-max-reference", options.coverage_max_reference), ("--steps", relax.max_steps)):
+        if value is not None and value < 1:
+            raise CrystalError(f"{flag} must be >= 1, got {value}")
+    if not (math.isfinite(relax.fmax) and relax.fmax > 0):
+        raise CrystalError(f"--fmax must be a finite force > 0 eV/Å, got {relax.fmax}")
+    if not (math.isfinite(relax.time_limit) and relax.time_limit > 0):
+        raise CrystalError(f"--time-limit must be a finite number of seconds > 0, got {relax.time_limit}")
+    for path in (options.reference, options.coverage_reference):
+        if path is not None:
+            discover(path)  # exists, and is a dataset crystal reads
+    if options.stability:
+        check_spec(options.potential)
+
+
 def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | None = None) -> Evaluation:
     """All metrics the options ask for, on every entry under `path`."""
+    check_options(options)
     progress = progress or _quiet
     timings: dict[str, float] = {}
 
@@ -148,8 +175,6 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
     from crystal_cli.evaluate.hull import Hull
 
     hull = Hull.load(options.hull) if options.hull is not None else None  # fail before hours of work
-    if options.stability:
-        check_spec(options.potential)
 
     started = time.monotonic()
     samples = [SampleResult(i, e) for i, e in enumerate(read_samples(path))]
@@ -216,7 +241,7 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
             else:
                 jobs.append((index, entry.id, entry.structure))
         if run is not None:
-            if not options.resume:
+            if not run.resumed:
                 runs.discard(options.stability_log, run.path)
             options.stability_log.parent.mkdir(parents=True, exist_ok=True)
             evaluation.adopted_relaxations = run.adopted_rows

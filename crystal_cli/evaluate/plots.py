@@ -12,6 +12,7 @@ import numpy as np
 from crystal_cli.evaluate.coverage import density, n_elements
 from crystal_cli.evaluate.pipeline import Evaluation
 from crystal_cli.evaluate.stability import METASTABLE_THRESHOLD, STABLE_THRESHOLD
+from crystal_cli.runs import atomic_path
 
 
 def _pyplot():
@@ -23,9 +24,13 @@ def _pyplot():
     return plt
 
 
+PLOT_NAMES = ("e_above_hull.png", "density.png", "n_elements.png", "validity.png")  # every file it may write
+
+
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120, format="png")
     _pyplot().close(figure)
     return path
 

@@ -48,14 +48,54 @@ class OutputPaths:
     csv: Path | None
     relaxed: Path | None
     stability_log: Path | None  # the resumable relaxation log; only inside -o DIR
+    plots: Path | None = None
 
     @classmethod
     def of(cls, output: Path | None, report: Path | None = None, csv: Path | None = None,
-           relaxed: Path | None = None) -> OutputPaths:
+           relaxed: Path | None = None, plots: Path | None = None) -> OutputPaths:
         if output is None:
-            return cls(report, csv, relaxed, None)
+            return cls(report, csv, relaxed, None, plots)
         return cls(report or output / "report.json", csv or output / "structures.csv",
-                   relaxed or output / "relaxed.cif", output / "stability.jsonl")
+                   relaxed or output / "relaxed.cif", output / "stability.jsonl", plots)
+
+    def files(self, stability: bool) -> list[Path]:
+        """Every file the evaluation writes besides the stability log (which has its own manifest)."""
+        from crystal_cli.evaluate.plots import PLOT_NAMES
+
+        files = [self.report, self.csv, self.relaxed if stability else None]
+        files += [self.plots / name for name in PLOT_NAMES] if self.plots is not None else []
+        return [path for path in files if path is not None]
+
+    def check(self, stability: bool, overwrite: bool) -> None:
+        """Before any work: each output is a file path, and none is a file crystal did not write (unless
+        overwrite)."""
+        for path, option in ((self.report, "--json"), (self.csv, "--csv"), (self.relaxed, "--relaxed")):
+            runs.file_output(path, option)
+        runs.dir_output(self.plots, "--plots")
+        runs.claim(self.files(stability), "evaluate", overwrite)
+
+
+def write_outputs(evaluation: Evaluation, report: dict, paths: OutputPaths, samples_path: Path,
+                  stability: bool) -> dict:
+    """Write the report, relaxed structures, csv and plots the paths ask for, and mark them as crystal's
+    (runs.record_outputs). Returns what was written: {"report": path, "relaxed": (count, path), "csv": path,
+    "plots": [paths]} for the ones written."""
+    written: dict = {}
+    if paths.report:
+        written["report"] = write_json(report, paths.report)
+    if paths.relaxed and stability:
+        written["relaxed"] = (write_relaxed(evaluation, paths.relaxed), paths.relaxed)
+    if paths.csv:
+        written["csv"] = write_csv(evaluation, paths.csv, paths.relaxed if stability else None)
+    if paths.plots:
+        from crystal_cli.evaluate.plots import write_plots
+
+        written["plots"] = write_plots(evaluation, paths.plots)
+    files = [p for key in ("report", "csv") if key in written for p in (written[key],)]
+    files += [written["relaxed"][1]] if "relaxed" in written else []
+    files += written.get("plots", [])
+    runs.record_outputs("evaluate", files, report["settings"], {"samples": runs.input_record(samples_path)})
+    return written
 
 
 def settings_of(options: EvaluateOptions, samples_path: Path) -> dict:

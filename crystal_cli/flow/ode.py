@@ -129,18 +129,35 @@ def refine_file(
     resume: bool = False,
     progress: Callable[[int | None], None] | None = None,
     min_distance: float = MIN_DISTANCE,
+    overwrite: bool = False,
 ) -> dict:
     """Refine every structure in `samples` into `output` (multi-block .cif or .jsonl); one jsonl row per
     input in `log_path` (default OUTPUT with suffix .steps.jsonl). `progress(total)` once, then `progress(None)` per
     input handled. Returns counts (refined, skipped by reason, resumed, and too_close: refined structures with
-    two atoms closer than min_distance Å, since the flow may move atoms together again)."""
+    two atoms closer than min_distance Å, since the flow may move atoms together again). Logged work is
+    continued with `resume` or replaced with `overwrite`; without either it is refused, as is writing over a
+    file crystal did not write."""
     output = Path(output)
-    fmt = format_for(output)
+    try:
+        fmt = format_for(output)
+    except ValueError as exc:
+        raise CrystalError(str(exc)) from None
+    if output.is_dir():
+        raise CrystalError(f"{output}: is a directory; -o names the refined structure file (.cif or .jsonl)")
+    if steps < 1:
+        raise CrystalError(f"--steps must be >= 1, got {steps}")
     if fmt not in _RECORD_START:
         raise CrystalError(f"{output}: refine writes .cif or .jsonl, not {fmt}")
     log_path = Path(log_path) if log_path else output.with_suffix(".steps.jsonl")
     entries = list(read_structures(samples))
-    rows = read_jsonl(log_path) if resume else []
+    if resume and overwrite:
+        raise CrystalError("--resume continues a run and --overwrite starts it over: pass one of them")
+    rows = [] if overwrite else read_jsonl(log_path)
+    if rows and not resume:
+        raise CrystalError(f"{log_path} already logs {len(rows)} inputs: pass --resume to continue, or --overwrite "
+                           "to start over")
+    if not rows:
+        runs.claim((output, log_path), "refine", overwrite)
     manifest = runs.Manifest(
         "refine", {"steps": steps, "format": fmt, "batch_size": batch_size},
         inputs={"samples": runs.input_record(samples), "model": {"path": model.source, "sha256": model.fingerprint()}},
@@ -149,7 +166,7 @@ def refine_file(
     start = runs.begin(runs.manifest_path(output), manifest, resume=resume, existing=bool(rows), exists_message="",
                        adopt=lambda: _adopt(log_path, rows, steps))
     done = _resume_point(output, fmt, log_path, rows, entries, samples) if rows else 0
-    if not rows:  # without --resume (or with nothing to resume) refine starts over
+    if not rows:  # a new run (or --overwrite): nothing of an earlier one may remain
         runs.discard(output, log_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     start.commit()
@@ -177,14 +194,16 @@ def refine_file(
                     counts[f"skipped:{reason}"] += 1
                 else:
                     result = next(refined)
-                    out.append(result.structure, entry.id)
+                    written = out.append(result.structure, entry.id)  # False: a CIF pymatgen cannot read back
                     shortest = shortest_distance(result.structure)
                     append_jsonl(log, {"index": index, "id": entry.id, "input_sha256": key, "status": "refined",
+                                       "in_output": written,
                                        "n_atoms": len(result.structure),
                                        "formula": result.structure.composition.reduced_formula, "steps": steps,
                                        "shortest_distance": None if shortest is None else round(shortest, 4),
                                        **result.summary})
                     counts["refined"] += 1
+                    counts["not_in_output"] += not written
                     too_close += shortest is not None and shortest < min_distance
                 if progress:
                     progress(None)
@@ -202,9 +221,11 @@ def refine_file(
                 waiting = 0
         flush()
     refined = counts.pop("refined", 0)
+    not_in_output = counts.pop("not_in_output", 0)
     return {
         "inputs": len(entries),
         "refined": refined,
+        "not_in_output": not_in_output,  # refined, logged, but left out of a CIF pymatgen could not read back
         "resumed_from": done,
         "skipped": {k.removeprefix("skipped:"): v for k, v in counts.items()},
         "too_close": too_close,
@@ -238,7 +259,7 @@ def _resume_point(output: Path, fmt: str, log_path: Path, rows: list[dict], entr
                 key is not None and (entry.structure is None or structure_fingerprint(entry.structure) != key)):
             raise CrystalError(f"{log_path}: row {position} (id {row.get('id')}) is not input {position} of {samples} "
                                "any more; rerun without --resume")
-    refined = sum(1 for r in rows if r.get("status") == "refined")
+    refined = sum(1 for r in rows if r.get("status") == "refined" and r.get("in_output", True))
     if output.exists():
         text = output.read_text()
         starts = [m.start() for m in _RECORD_START[fmt].finditer(text)]

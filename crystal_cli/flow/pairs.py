@@ -17,6 +17,7 @@ resume with others is refused, except a larger --max-targets (more targets) and 
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -133,6 +134,11 @@ class PerturbedSamples:
     lattice_noise: float = 0.05
     name: str = "perturb"
 
+    def __post_init__(self) -> None:
+        for flag, value in (("--coord-noise", self.coord_noise), ("--lattice-noise", self.lattice_noise)):
+            if not math.isfinite(value) or value < 0:
+                raise CrystalError(f"{flag} must be a finite standard deviation >= 0, got {value}")
+
     def draw(self, target: Structure, count: int, rng: np.random.Generator) -> list[Structure | str]:
         out: list[Structure | str] = []
         base = structure_lattice_vector(target).numpy()
@@ -193,7 +199,16 @@ class LLMSamples:
         from crystal_cli.sampling.llama_backend import LlamaModel
 
         self.min_distance = check_min_distance(min_distance)
+        if not math.isfinite(temperature) or temperature < 0:
+            raise CrystalError(f"--temperature must be a number >= 0, got {temperature}")
+        if not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise CrystalError(f"top_p must be in (0, 1], got {top_p}")
         self.path = smollm2_gguf() if str(model) == SMOLLM2 else Path(model)
+        if str(model) != SMOLLM2:
+            from crystal_cli.export import check_gguf_model
+
+            if check_gguf_model(self.path) != "model":
+                raise CrystalError(f"{self.path}: a GGUF LoRA adapter, not a model (pass it with --adapter)")
         self.adapter = adapter
         self.model = LlamaModel(self.path, adapter=adapter, threads=threads)
         self.temperature, self.top_p, self.parallel, self.threads = temperature, top_p, parallel, threads
@@ -248,6 +263,13 @@ class PairOptions:
     max_atoms: int | None = None
     max_targets: int | None = None
 
+    def __post_init__(self) -> None:
+        for name, flag in (("samples_per_target", "--per-target"), ("max_atoms", "--max-atoms"),
+                           ("max_targets", "--max-targets")):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CrystalError(f"{flag} must be >= 1, got {value}")
+
 
 @dataclass
 class PairStats:
@@ -289,7 +311,7 @@ def build_pairs(
     """Pairs for every target under `targets`, appended to OUTDIR/pairs.jsonl. Returns the stats that are
     also written to OUTDIR/stats.json. `progress(total)` is called once with the number of targets (or None),
     then with None after each target."""
-    outdir = Path(outdir)
+    outdir = runs.dir_output(outdir, "-o")
     pairs_path, progress_path = outdir / PAIRS_FILE, outdir / PROGRESS_FILE
     source_options, source_inputs = source.describe()
     manifest = runs.Manifest("flow pairs", {"source": source.name, **asdict(options), **source_options},
@@ -298,12 +320,12 @@ def build_pairs(
     start = runs.begin(runs.manifest_path(outdir, directory=True), manifest, resume=resume, existing=pairs_path.exists(),
                        exists_message=f"{outdir}: already holds {PAIRS_FILE}; pass --resume to continue it or choose another -o",
                        adopt=lambda: _adopt(outdir, source.name, options))
+    stats = PairStats()
+    entries = list(_targets(targets, options, stats))  # every target read (and checked) before a file is written
     outdir.mkdir(parents=True, exist_ok=True)
     start.commit()
     done = _restore(pairs_path, progress_path) if resume else set()
-    stats = PairStats(resumed_targets=len(done))
-
-    entries = list(_targets(targets, options, stats))
+    stats.resumed_targets = len(done)
     if progress:
         progress(len(entries))
     with pairs_path.open("a") as pairs_out, progress_path.open("a") as progress_out:

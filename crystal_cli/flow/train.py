@@ -59,6 +59,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise CrystalError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "grad_clip", "lambda_f", "lambda_l"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise CrystalError(f"train.{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise CrystalError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -11,6 +11,7 @@ duplicated. Infill is resumable the same way: per input structure, the missing r
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from crystal_cli import codec, runs
 from crystal_cli.errors import CrystalError
 from crystal_cli.export import QUANTS
 from crystal_cli.grammar import ELEMENTS, crystal_gbnf, formula_constraint, max_new_tokens
+from crystal_cli.evaluate.validity import structural_validity
 from crystal_cli.models import LLM, model_fingerprint, resolve_model
 from crystal_cli.sampling.guard import MIN_DISTANCE, GuardSettings, check_min_distance
 from crystal_cli.sampling.llama_backend import Finished, Job, SamplingSettings, job_seed
@@ -32,7 +34,7 @@ BACKENDS = ("llama", "transformers")
 # Options a resumed run may change: how many samples, how many decode at once, threads. Every other option
 # changes what a sample is, so resuming with another value is refused (crystal_cli.runs).
 RESUME_SAFE = ("n", "parallel", "threads")
-_NOT_OPTIONS = ("output", "model", "adapter", "infill", "resume")  # inputs (hashed) or how the run is invoked
+_NOT_OPTIONS = ("output", "model", "adapter", "infill", "resume", "overwrite")  # inputs, or how the run is invoked
 
 
 @dataclass
@@ -50,6 +52,7 @@ class GenerateOptions:
     parallel: int = 32
     fmt: str | None = None
     resume: bool = False
+    overwrite: bool = False  # start over: replace the output, its sidecar and manifest (even files crystal did not write)
     backend: str = "llama"
     grammar: bool = True
     adapter: Path | None = None  # a GGUF LoRA adapter applied on a .gguf model (llama backend)
@@ -74,6 +77,8 @@ class GenerateSummary:
     rankings: list[dict] = field(default_factory=list)  # infill: per input structure, ranked candidates
     guard_masked: int = 0  # tokens the distance guard masked, over the samples drawn
     adopted: int = 0  # rows of a pre-manifest sidecar this resume took over (their model was never recorded)
+    valid: int = 0  # parsed samples with every interatomic distance >= 0.5 Å and volume >= 0.1 Å³ (CDVAE)
+    not_in_file: int = 0  # parsed samples left out of the CIF (pymatgen cannot read them back); the jsonl has them
 
     @property
     def parse_rate(self) -> float:
@@ -90,7 +95,7 @@ def output_paths(output: Path, fmt: str | None) -> tuple[Path, str]:
     try:
         fmt = format_for(output, fmt)
     except ValueError as exc:
-        raise CrystalError(f"--format: {exc}") from None
+        raise CrystalError(f"--format: {exc}" if fmt else str(exc)) from None
     return (output if fmt == "jsonl" else output.with_suffix(".jsonl")), fmt
 
 
@@ -112,10 +117,19 @@ def _check_common(options: GenerateOptions) -> None:
         raise CrystalError(f"--format {options.fmt!r}: choose from {', '.join(FORMATS)}")
     if not options.output.parent.is_dir():
         raise CrystalError(f"{options.output}: directory {options.output.parent} does not exist")
-    if options.temperature < 0 or not 0 < options.top_p <= 1:
-        raise CrystalError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if options.output.is_dir():
+        raise CrystalError(f"{options.output}: is a directory; -o names the structure file to write (e.g. samples.cif)")
+    output_paths(options.output, options.fmt)
+    if not math.isfinite(options.temperature) or options.temperature < 0:
+        raise CrystalError(f"--temperature must be a number >= 0 (0 = greedy), got {options.temperature}")
+    if not math.isfinite(options.top_p) or not 0 < options.top_p <= 1:
+        raise CrystalError(f"--top-p must be in (0, 1], got {options.top_p}")
+    if options.threads is not None and options.threads < 1:
+        raise CrystalError(f"--threads must be >= 1, got {options.threads}")
     if options.max_atoms < 1:
         raise CrystalError(f"--max-atoms must be >= 1, got {options.max_atoms}")
+    if options.resume and options.overwrite:
+        raise CrystalError("--resume continues a run and --overwrite starts it over: pass one of them")
     if options.quant != "auto" and options.quant not in QUANTS:
         raise CrystalError(f"--quant {options.quant!r}: choose from auto, {', '.join(QUANTS)}")
     if options.min_distance is not None:
@@ -143,9 +157,11 @@ def guard_settings(options: GenerateOptions) -> GuardSettings | None:
 
 def prompt_and_grammar(options: GenerateOptions) -> tuple[str, str | None]:
     """The generation prompt for the conditions and, unless disabled, the grammar that enforces them."""
-    constraint = formula_constraint(options.formula, options.max_atoms) if options.formula else None
+    constraint = formula_constraint(options.formula, options.max_atoms) if options.formula is not None else None
     if options.spacegroup is not None and not 1 <= options.spacegroup <= 230:
         raise CrystalError(f"--spacegroup must be 1..230, got {options.spacegroup}")
+    if options.e_hull is not None and not (math.isfinite(options.e_hull) and options.e_hull >= 0):
+        raise CrystalError(f"--e-hull must be a finite energy above the hull >= 0 eV/atom, got {options.e_hull}")
     prompt = codec.conditional_prompt(
         {
             "formula": constraint.formula if constraint else None,
@@ -271,6 +287,15 @@ def _begin(stage: str, options: GenerateOptions, sidecar: Path, rows: list[dict]
                       adopt=adopt, defaults=_DEFAULTS)
 
 
+def _existing(options: GenerateOptions, sidecar: Path) -> list[dict]:
+    """The sidecar's rows to continue from (none with --overwrite). With none, the output files must be new,
+    or crystal's own (listed in a manifest): a file the user made is never appended to or rebuilt."""
+    rows = [] if options.overwrite else read_jsonl(sidecar)
+    if not rows:
+        runs.claim((options.output, sidecar), "generate", options.overwrite)
+    return rows
+
+
 def _provenance(options: GenerateOptions, inputs: dict, quant: str) -> dict:
     """What every sidecar row records about how it was drawn (the run's manifest holds the rest)."""
     return {"model": inputs["model"]["path"], "model_sha256": inputs["model"]["sha256"], "quant": quant,
@@ -316,17 +341,19 @@ def _row(finished: Finished, name: str, prompt: str, provenance: dict) -> tuple[
     return row, parsed.structure
 
 
-def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummary], None] | None = None) -> GenerateSummary:
-    """Draw samples until the sidecar holds options.n of them; returns counts, parse failures, speed."""
+def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummary], None] | None = None,
+             on_ready: Callable[[], None] | None = None) -> GenerateSummary:
+    """Draw samples until the sidecar holds options.n of them; returns counts, parse failures, speed.
+    `on_ready()` is called once the model is loaded, `on_sample(row, summary)` after every sample."""
     _check_common(options)
     if options.infill is not None or options.mask is not None:
-        return infill(options, on_sample)
+        return infill(options, on_sample, on_ready)
     prompt, gbnf = prompt_and_grammar(options)
     sidecar, fmt = output_paths(options.output, options.fmt)
     source = resolve_model(options.model, LLM)
     inputs = _model_inputs(source, options)
     manifest_options = {k: v for k, v in asdict(options).items() if k not in _NOT_OPTIONS} | {"prompt": prompt}
-    rows = read_jsonl(sidecar)
+    rows = _existing(options, sidecar)
     start = _begin("generate", options, sidecar, rows, manifest_options, inputs, "samples",
                    lambda: _adopt_samples(sidecar, rows, prompt, options.seed))
     done = {int(r["index"]) for r in rows if "index" in r}
@@ -335,21 +362,27 @@ def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummar
     if not jobs:
         return summary
     backend = open_backend(options, source, gbnf)  # loads (or exports) before any output file is touched
+    if on_ready is not None:
+        on_ready()
     provenance = _provenance(options, inputs, backend.quant)
     stem = options.output.stem
     try:
+        if options.overwrite:
+            runs.discard(options.output, sidecar)
         start.commit()
         if fmt != "jsonl" and rows:
             _rebuild_structures(options.output, fmt, rows)
-        appender = StructureAppender(options.output, fmt) if fmt != "jsonl" else None
+        appender = StructureAppender(options.output, fmt, mode="a" if rows else "w") if fmt != "jsonl" else None
         started = time.perf_counter()
-        with sidecar.open("a") as log:
+        with sidecar.open("a" if rows else "w") as log:
             try:
                 for finished in backend.run(prompt, jobs):
                     row, structure = _row(finished, f"{stem}-{finished.index:05d}", prompt, provenance)
                     append_jsonl(log, row)
-                    if appender is not None and structure is not None:
-                        appender.append(structure, row["id"])
+                    if structure is not None:
+                        summary.valid += structural_validity(structure)[0]
+                        if appender is not None and not appender.append(structure, row["id"]):
+                            summary.not_in_file += 1
                     _count(summary, row, started)
                     if on_sample is not None:
                         on_sample(row, summary)
@@ -395,7 +428,7 @@ def _adopt_substitutions(sidecar: Path, rows: list[dict], mask: str) -> dict:
     return {"rows": len(rows), "unchecked": ["model", "quant", "backend"]}
 
 
-def infill(options: GenerateOptions, on_sample=None) -> GenerateSummary:
+def infill(options: GenerateOptions, on_sample=None, on_ready: Callable[[], None] | None = None) -> GenerateSummary:
     """For each structure in options.infill holding options.mask: every element ranked by P(element | masked
     crystal); the top n substitutions are written like samples (structure file + sidecar). A resumed run with
     a larger n appends, per structure, the next-ranked elements it has not written yet."""
@@ -415,7 +448,7 @@ def infill(options: GenerateOptions, on_sample=None) -> GenerateSummary:
     source = resolve_model(options.model, LLM)
     inputs = _model_inputs(source, options) | {"infill": runs.input_record(options.infill)}
     manifest_options = {k: getattr(options, k) for k in ("mask", "backend", "quant", "fmt", *RESUME_SAFE)}
-    rows = read_jsonl(sidecar)
+    rows = _existing(options, sidecar)
     start = _begin("infill", options, sidecar, rows, manifest_options, inputs, "substitutions",
                    lambda: _adopt_substitutions(sidecar, rows, options.mask))
     written: dict[str, list[str]] = defaultdict(list)  # input id -> elements already written, in rank order
@@ -427,10 +460,14 @@ def infill(options: GenerateOptions, on_sample=None) -> GenerateSummary:
         return summary
     candidates = [el for el in ELEMENTS if el != options.mask]
     backend = open_backend(options, source, None)
+    if on_ready is not None:
+        on_ready()
     provenance = {k: v for k, v in _provenance(options, inputs, backend.quant).items()
                   if k in ("model", "model_sha256", "quant", "backend")}
     started = time.perf_counter()
     try:
+        if options.overwrite:
+            runs.discard(options.output, sidecar)
         start.commit()
         by_id = {e.id: e for e in targets}
         if fmt != "jsonl" and rows:  # remade from the sidecar and the inputs: exactly what a fresh run wrote
@@ -471,8 +508,9 @@ def infill(options: GenerateOptions, on_sample=None) -> GenerateSummary:
                     }
                     append_jsonl(log, row)
                     done.append(candidates[i])
-                    if appender is not None:
-                        appender.append(substituted, row["id"])
+                    summary.valid += structural_validity(substituted)[0]
+                    if appender is not None and not appender.append(substituted, row["id"]):
+                        summary.not_in_file += 1
                     _count(summary, row, started)
                     if on_sample is not None:
                         on_sample(row, summary)
