@@ -125,8 +125,13 @@ def main() -> None:
     parser.add_argument("--guard-only", action="store_true", help="only llama.cpp with the grammar, guard off and on")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the rows this many times, alternating, each time N new samples (run seed = repeat)")
+    parser.add_argument("--load", action="store_true",
+                        help="only the default llama.cpp row: idle, then beside one CPU-bound process with one thread "
+                             "per core and with crystal's choice (one per idle core)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
+    if args.load:
+        return load_rows(args)
 
     import torch
 
@@ -178,19 +183,18 @@ def main() -> None:
     params = report["params"]
 
     if not args.skip_transformers and not args.guard_only:
-        from crystal_cli.bases import smollm2_gguf, source_gguf
-        from crystal_cli.models import load_trained, model_dir
-        from crystal_cli.sampling.hf_backend import HFSampler, load_vocab_grammar
+        from crystal_cli.models import resolve_model
+        from crystal_cli.sampling.generate import GenerateOptions, open_backend
 
-        base_dir = model_dir(args.model)
-        hf_model, tokenizer = load_trained(args.model, merge=True)
-        engine, vocab_model = load_vocab_grammar(source_gguf(base_dir) or smollm2_gguf(), gbnf)
-        sampler = HFSampler(hf_model, tokenizer, settings, engine, vocab_model.end_tokens)
+        # crystal generate --backend transformers itself (merged adapter, same grammar), guard off like llama_grammar
+        options = GenerateOptions(model=args.model, output=Path("unused.cif"), temperature=args.temperature,
+                                  top_p=args.top_p, max_atoms=args.max_atoms, parallel=args.parallel,
+                                  threads=args.threads, backend="transformers", min_distance=0.0)
+        backend = open_backend(options, resolve_model(args.model), gbnf)
         jobs = [Job(i, job_seed(0, i)) for i in range(args.n)]
-        report["transformers_grammar"] = rates(run_backend(sampler, prompt, jobs, args.min_distance))
+        report["transformers_grammar"] = rates(run_backend(backend, prompt, jobs, args.min_distance))
         show("transformers_grammar", report["transformers_grammar"])
-        engine.close()
-        vocab_model.close()
+        backend.close()
         report["ratio_llama_vs_transformers"] = (
             report["llama_grammar"]["structures_per_s"] / report["transformers_grammar"]["structures_per_s"]
         )
@@ -229,6 +233,52 @@ def main() -> None:
           f"{off['compositional_validity']:.1%} -> {on['compositional_validity']:.1%}, distances >= {args.min_distance} Å "
           f"{off['distance_ok_rate']:.1%} -> {on['distance_ok_rate']:.1%}, no_room {on['no_room']}, "
           f"{on['guard_masked'] / on['n']:.1f} tokens masked per sample")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def load_rows(args) -> None:
+    """structures/s of the default configuration idle and beside one CPU-bound process (a Python busy loop),
+    with llama.cpp's one thread per core and with crystal's default (runtime.idle_cores, measured with the
+    busy process running); each from a fresh model load, same prompt and seeds."""
+    import subprocess
+
+    from crystal_cli import codec
+    from crystal_cli.export import cached_export
+    from crystal_cli.grammar import crystal_gbnf, max_new_tokens
+    from crystal_cli.runtime import idle_cores
+    from crystal_cli.sampling.llama_backend import BatchedSampler, Job, LlamaModel, SamplingSettings, job_seed
+
+    gguf = cached_export(args.model, args.quant)
+    prompt, gbnf = codec.unconditional_prompt(), crystal_gbnf(args.max_atoms)
+    jobs = [Job(i, job_seed(0, i)) for i in range(args.n)]
+
+    def measure(threads: int) -> dict:
+        settings = SamplingSettings(args.temperature, args.top_p, max_new_tokens(args.max_atoms), args.parallel, threads)
+        with LlamaModel(gguf, threads=threads) as model:
+            sampler = BatchedSampler(model, settings, gbnf)
+            counts = run_backend(sampler, prompt, jobs, args.min_distance)
+            sampler.close()
+        return rates(counts) | {"threads": threads}
+
+    cores = os.cpu_count() or 1
+    report: dict = {"model": args.model, "n": args.n, "parallel": args.parallel, "cores": cores,
+                    "idle": measure(idle_cores())}
+    show(f"idle, {report['idle']['threads']} threads", report["idle"])
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        report["busy_every_core"] = measure(cores)
+        show(f"busy, {cores} threads", report["busy_every_core"])
+        report["busy_idle_cores"] = measure(idle_cores())
+        show(f"busy, {report['busy_idle_cores']['threads']} threads (crystal)", report["busy_idle_cores"])
+    finally:
+        busy.kill()
+    idle = report["idle"]["structures_per_s"]
+    for key in ("busy_every_core", "busy_idle_cores"):
+        report[key]["of_idle"] = report[key]["structures_per_s"] / idle
+    print(f"beside one busy process: {report['busy_every_core']['of_idle']:.0%} of the idle rate with "
+          f"{cores} threads, {report['busy_idle_cores']['of_idle']:.0%} with crystal's choice")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

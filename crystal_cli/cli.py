@@ -349,7 +349,7 @@ def generate(
     quant: Annotated[
         str, typer.Option(help="Weight type of on-the-fly exports: auto (f32 below 2 GB of weights, else q8_0) or a type.")
     ] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: one per core no other process keeps busy).")] = None,
     infill_file: Annotated[
         Optional[Path], typer.Option("--infill", help="Structures to propose substitutions for (with --mask).")
     ] = None,
@@ -607,7 +607,7 @@ def flow_pairs(
     ] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="--model: a GGUF LoRA adapter to apply.")] = None,
     temperature: Annotated[float, typer.Option(help="--model: sampling temperature.")] = 1.0,
-    threads: Annotated[Optional[int], typer.Option(help="--model: llama.cpp threads (default: every core).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="--model: llama.cpp threads (default: one per idle core).")] = None,
     perturb: Annotated[bool, typer.Option(help="c0 = the target with coordinate and lattice noise.")] = False,
     coord_noise: Annotated[float, typer.Option(help="--perturb: std of fractional-coordinate noise.")] = 0.05,
     lattice_noise: Annotated[float, typer.Option(help="--perturb: std of noise on log lengths / logit angles.")] = 0.05,

@@ -27,7 +27,6 @@ saved.
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import numpy as np
 
 from crystal_cli.errors import CrystalError
 from crystal_cli.grammar import CandidateArray, GrammarEngine, crystal_shortlist
-from crystal_cli.runtime import quiet_llama_cpp
+from crystal_cli.runtime import idle_cores, quiet_llama_cpp
 from crystal_cli.sampling.guard import DistanceGuard, GuardSettings, GuardState
 
 
@@ -85,7 +84,7 @@ class LlamaModel:
         llama = quiet_llama_cpp()
         self._llama = llama
         self.path = Path(path)
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or idle_cores()  # every idle core; spinning threads collapse on a busy one
         llama.llama_backend_init()
         params = llama.llama_model_default_params()
         params.vocab_only = vocab_only
