@@ -83,7 +83,7 @@ def test_generate_resume_refuses_each_changed_setting_and_tops_up_with_the_same(
 
 def test_generate_continues_after_a_real_sigint(tiny_gguf, tmp_path):
     out = tmp_path / "run.cif"
-    args = [sys.executable, "-m", "crystal_cli.cli", "generate", "-m", str(tiny_gguf), "-o", str(out), "-n", "400"]
+    args = [sys.executable, "-m", "crystal_cli.cli", "generate", "-m", str(tiny_gguf), "-o", str(out), "-n", "4000"]
     for flag, value in {**SAMPLING, "--parallel": "2"}.items():
         args += [flag, value]
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -99,7 +99,7 @@ def test_generate_continues_after_a_real_sigint(tiny_gguf, tmp_path):
     assert process.returncode == 130 and "interrupted" in output, output
     rows = read_jsonl(sidecar)
     kept = len(rows)
-    assert 4 <= kept < 400 and len({r["index"] for r in rows}) == kept
+    assert 4 <= kept < 4000 and len({r["index"] for r in rows}) == kept
     assert len(_blocks(out)) == sum(r["status"] == "ok" for r in rows)  # the partial CIF is whole
 
     result = _generate(tiny_gguf, out, kept + 3, **{"--parallel": "2"})
