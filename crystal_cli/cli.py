@@ -338,7 +338,11 @@ def generate(
     seed: Annotated[int, typer.Option(help="Run seed; sample i is seeded by (seed, i).")] = 0,
     max_atoms: Annotated[int, typer.Option(help="Most sites per structure.")] = 20,
     parallel: Annotated[int, typer.Option(help="Sequences decoded at once.")] = 32,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="cif, extxyz or jsonl (default: from -o).")] = None,
+    fmt: Annotated[Optional[str], typer.Option(
+        "--format", help="cif, extxyz, jsonl, or poscar (-o names a directory: one POSCAR per sample, named by its "
+                         "id); default: from -o.")] = None,
+    symmetrize: Annotated[Optional[float], typer.Option(
+        help="Write symmetry-refined CIF blocks (spglib via pymatgen) found with this tolerance, e.g. 0.1 Å.")] = None,
     resume: Annotated[bool, typer.Option(help="Top an existing output up to -n samples.")] = False,
     overwrite: Annotated[
         bool, typer.Option(help="Start over: replace an existing output and its sidecar, even files crystal did not write.")
@@ -362,11 +366,13 @@ def generate(
     """Sample crystals from a fine-tuned model, conditioned on formula / space group / stability."""
     from rich.progress import TextColumn
 
-    from crystal_cli.sampling import GenerateOptions, check_options, generate as run_generate
+    from crystal_cli.api import generate_to_file
+    from crystal_cli.sampling import GenerateOptions, check_options
 
     options = GenerateOptions(
         model=model, output=output, n=n, formula=formula, spacegroup=spacegroup, e_hull=e_hull,
         temperature=temperature, top_p=top_p, seed=seed, max_atoms=max_atoms, parallel=parallel, fmt=fmt,
+        symmetrize=symmetrize,
         resume=resume, overwrite=overwrite, backend=backend, grammar=grammar, adapter=adapter, quant=quant, threads=threads,
         infill=infill_file, mask=mask, min_distance=min_distance,
     )
@@ -387,7 +393,7 @@ def generate(
                        speed=f"{rate:.2f} structures/s · parsed {summary.parse_rate:.0%}")
 
         try:
-            summary = run_generate(options, on_sample, on_ready)
+            summary = generate_to_file(options, on_sample, on_ready)
         finally:
             loading.stop()
     for ranking in summary.rankings:
@@ -478,17 +484,17 @@ def _render_report(report: dict) -> None:
     table.add_column("rate (k/n) [95 % Wilson]", justify="right")
     validity = report["validity"]
     for name in ("structural", "compositional", "overall"):
-        table.add_row(f"{name} validity", _fmt_rate(validity[name]))
+        table.add_row(f"{name} validity (of all)", _fmt_rate(validity[name]))
     table.add_row("uniqueness (of valid)", _fmt_rate(report["uniqueness"]))
     if "novelty" in report:
         table.add_row("novelty (of valid)", _fmt_rate(report["novelty"]))
-        table.add_row("unique and novel", _fmt_rate(report["unique_and_novel"]))
+        table.add_row("unique and novel (of valid)", _fmt_rate(report["unique_and_novel"]))
     stability = report.get("stability")
     if stability and "metastable" in stability:
-        table.add_row("metastable (E_hull < 0.1)", _fmt_rate(stability["metastable"]))
-        table.add_row("stable (E_hull < 0, ≥ 2 elements)", _fmt_rate(stability["stable"]))
+        table.add_row("metastable (E_hull < 0.1; of sampled)", _fmt_rate(stability["metastable"]))
+        table.add_row("stable (E_hull < 0, ≥ 2 elements; of sampled)", _fmt_rate(stability["stable"]))
         if "sun" in stability:
-            table.add_row("SUN", _fmt_rate(stability["sun"]))
+            table.add_row("SUN (stable, unique, novel; of sampled)", _fmt_rate(stability["sun"]))
     console.print(table)
     if validity["invalid_reasons"]:
         console.print("invalid: " + ", ".join(f"{r}: {n}" for r, n in validity["invalid_reasons"].items()))
@@ -538,26 +544,44 @@ def evaluate(
     ] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write the per-structure csv here.")] = None,
-    relaxed_path: Annotated[Optional[Path], typer.Option("--relaxed", help="Write relaxed structures (CIF) here.")] = None,
+    relaxed_path: Annotated[Optional[Path], typer.Option("--relaxed", help="Write relaxed structures here.")] = None,
+    relaxed_format: Annotated[str, typer.Option(
+        "--format", help="Relaxed structures as cif, extxyz, jsonl or poscar (a directory, one POSCAR per id).")] = "cif",
     plots: Annotated[Optional[Path], typer.Option(help="Directory for PNG plots.")] = None,
+    chemsys: Annotated[Optional[str], typer.Option(
+        help="--plots: phase diagram of this chemical system, e.g. Li-Fe-P-O (default: the samples' most frequent, "
+             "2-4 elements; needs --hull).")] = None,
     resume: Annotated[bool, typer.Option(help="Reuse finished relaxations from OUTPUT/stability.jsonl.")] = False,
     overwrite: Annotated[
         bool, typer.Option(help="Relax again and replace existing outputs, even files crystal did not write.")
     ] = False,
 ) -> None:
-    """Judge crystals: validity, uniqueness, novelty, coverage, and stability by ML potential + convex hull."""
+    """Judge crystals: validity, uniqueness, novelty, coverage, and stability by ML potential + convex hull.
+
+    Metrics (each rate with its count, denominator and 95 % Wilson interval): structural validity (every
+    interatomic distance >= 0.5 Å, volume >= 0.1 Å³) and compositional validity (SMACT charge neutrality and
+    Pauling test) of all entries; uniqueness and novelty (pymatgen StructureMatcher) of valid structures;
+    COV-R / COV-P, coverage recall and precision: the share of reference structures with a sample, and of
+    samples with a reference structure, within the CrystalNN fingerprint (0.4) and Magpie composition (10)
+    distance cut-offs; AMSD-R / AMSD-P and AMCD-R / AMCD-P: average minimum structure / composition
+    fingerprint distance in each direction; wdist: Wasserstein distance of density and of the number of
+    elements; metastable (E_hull < 0.1 eV/atom), stable (E_hull < 0 with >= 2 elements) and SUN (stable,
+    unique and novel) of the seeded stability subset.
+    """
     from crystal_cli import runs
-    from crystal_cli.evaluate.pipeline import EvaluateOptions, check_options, evaluate as run_evaluation
+    from crystal_cli.api import evaluate_file
+    from crystal_cli.evaluate.pipeline import EvaluateOptions, check_options
     from crystal_cli.evaluate.potential import RelaxSettings
-    from crystal_cli.evaluate.report import OutputPaths, build_report, write_outputs
+    from crystal_cli.evaluate.report import OutputPaths, check_chemsys, write_outputs
 
     if resume and output is None:
         raise CrystalError("--resume needs -o/--output (the relaxation log lives there)")
     if resume and overwrite:
         raise CrystalError("--resume reuses the relaxations and --overwrite redoes them: pass one of them")
     runs.dir_output(output, "-o")
-    paths = OutputPaths.of(output, json_path, csv_path, relaxed_path, plots)
+    paths = OutputPaths.of(output, json_path, csv_path, relaxed_path, plots, relaxed_format)
     paths.check(stability, overwrite)
+    check_chemsys(chemsys)
     options = EvaluateOptions(
         reference=reference, coverage_reference=coverage_reference, coverage_max_reference=coverage_max_reference,
         hull=hull, potential=potential, stability=stability, stability_samples=stability_samples,
@@ -570,16 +594,16 @@ def evaluate(
             task = bar.add_task(description, total=total)
             return lambda n: bar.advance(task, n)
 
-        evaluation = run_evaluation(samples, options, stage)
+        result = evaluate_file(samples, options, stage)
+    evaluation, report = result.evaluation, result.data
     if evaluation.adopted_relaxations:
         err_console.print(f"[yellow]note:[/] {paths.stability_log} was written before crystal kept run manifests: "
                           f"reused its {evaluation.adopted_relaxations} relaxations, whose potential and settings "
                           "could not be checked")
-    report = build_report(evaluation, options, samples)
     _render_report(report)
-    written = write_outputs(evaluation, report, paths, samples, stability)
-    if "report" in written:
-        console.print(f"report → {written['report']}")
+    written = write_outputs(evaluation, report, paths, samples, stability, chemsys)
+    for path in written.get("reports", []):
+        console.print(f"report → {path}")
     if "relaxed" in written:
         console.print(f"{written['relaxed'][0]} relaxed structures → {written['relaxed'][1]}")
     if "csv" in written:
@@ -716,17 +740,14 @@ def refine(
     ] = 0.5,
 ) -> None:
     """Refine crystals (e.g. LLM samples) with a trained flow-matching network; keeps atom order and types."""
-    from crystal_cli.flow.ode import refine_file
-    from crystal_cli.flow.train import load_model
-    from crystal_cli.models import FLOW, resolve_model
+    from crystal_cli.api import refine_file
     from crystal_cli.sampling.guard import check_min_distance
 
     if batch_size < 1:
         raise CrystalError(f"--batch-size must be >= 1, got {batch_size}")
     check_min_distance(min_distance)
-    network = load_model(resolve_model(model, FLOW))
     with progress_bar() as bar:
-        stats = refine_file(samples, output, network, steps=steps, batch_size=batch_size, log_path=log,
+        stats = refine_file(samples, output, model, steps=steps, batch_size=batch_size, log_path=log,
                             resume=resume, progress=_total_then_steps(bar, "refine"), min_distance=min_distance,
                             overwrite=overwrite)
     table = Table(title=f"crystal refine → {output}")

@@ -280,7 +280,8 @@ def begin(
 
 def owned(path: str | Path) -> bool:
     """Did crystal write `path`? True when a manifest in its folder (or the folder above: plots/ inside an
-    evaluate directory) lists it among the files its run writes."""
+    evaluate directory, POSCAR files inside a generate output directory) lists it, or a folder holding it,
+    among the files its run writes."""
     path = Path(path).resolve()
     for folder in (path.parent, path.parent.parent):
         for candidate in (folder / MANIFEST_NAME, *sorted(folder.glob("*" + MANIFEST_SUFFIX))):
@@ -288,7 +289,8 @@ def owned(path: str | Path) -> bool:
                 manifest = Manifest.load(candidate)
             except CrystalError:
                 continue
-            if manifest is not None and any((candidate.parent / name).resolve() == path for name in manifest.outputs):
+            listed = [(candidate.parent / name).resolve() for name in manifest.outputs] if manifest else []
+            if any(entry == path or entry in path.parents for entry in listed):
                 return True
     return False
 

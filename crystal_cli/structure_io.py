@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
@@ -18,23 +19,29 @@ from pymatgen.io.cif import CifWriter
 
 from crystal_cli.runs import atomic_path
 
-FORMATS = ("cif", "extxyz", "jsonl")
+FORMATS = ("cif", "extxyz", "jsonl", "poscar")
 
 
-def cif_block(structure: Structure, name: str) -> str:
-    """One CIF data block named `name` (spaces and other separators replaced so readers accept it)."""
-    text = str(CifWriter(structure))
-    safe = "".join(ch if ch.isalnum() or ch in "-_.()" else "_" for ch in name) or "structure"
+def safe_name(name: str) -> str:
+    """`name` with spaces and other separators replaced, so CIF readers and file systems accept it."""
+    return "".join(ch if ch.isalnum() or ch in "-_.()~" else "_" for ch in name) or "structure"
+
+
+def cif_block(structure: Structure, name: str, symprec: float | None = None) -> str:
+    """One CIF data block named `name`: P1 with every site, or with `symprec` the symmetry-refined
+    (conventional) cell with its space group's operations (spglib through pymatgen)."""
+    text = str(CifWriter(structure, symprec=symprec))
     lines = text.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("data_"):
-            lines[i] = f"data_{safe}"
+            lines[i] = f"data_{safe_name(name)}"
             break
     return "\n".join(lines).rstrip() + "\n\n"
 
 
-def cif_reads_back(block: str, sites: int) -> bool:
-    """Does pymatgen read this CIF block back as one structure with `sites` sites?"""
+def cif_reads_back(block: str, structure: Structure, symmetrized: bool = False) -> bool:
+    """Does pymatgen read this CIF block back as one structure with every site of `structure` (a symmetrized
+    block: with its composition; the refined cell may hold more formula units)?"""
     import io
     import warnings
 
@@ -46,7 +53,11 @@ def cif_reads_back(block: str, sites: int) -> bool:
             structures = CifParser(io.StringIO(block)).parse_structures(primitive=False, on_error="raise")
     except Exception:  # pymatgen raises ValueError and others for blocks it rejects
         return False
-    return len(structures) == 1 and len(structures[0]) == sites
+    if len(structures) != 1:
+        return False
+    if symmetrized:
+        return structures[0].composition.reduced_composition == structure.composition.reduced_composition
+    return len(structures[0]) == len(structure)
 
 
 def extxyz_frame(structure: Structure, name: str) -> str:
@@ -67,7 +78,11 @@ def structure_record(structure: Structure, name: str) -> str:
     return json.dumps({"id": name, "structure": structure.as_dict()}) + "\n"
 
 
-_WRITERS = {"cif": cif_block, "extxyz": extxyz_frame, "jsonl": structure_record}
+def poscar_text(structure: Structure, name: str) -> str:
+    """A POSCAR (VASP 5, element names line) whose comment line is the structure's name."""
+    from pymatgen.io.vasp import Poscar
+
+    return Poscar(structure, comment=name).get_str()
 
 
 SUFFIXES = {"cif": "cif", "extxyz": "extxyz", "xyz": "extxyz", "jsonl": "jsonl"}
@@ -75,38 +90,62 @@ SUFFIXES = {"cif": "cif", "extxyz": "extxyz", "xyz": "extxyz", "jsonl": "jsonl"}
 
 def format_for(path: Path, fmt: str | None = None) -> str:
     """The output format: explicit, else from the file suffix (.cif, .extxyz/.xyz, .jsonl; none: cif). Any
-    other suffix is a ValueError: a .vasp or .poscar file must not silently receive CIF text."""
+    other suffix is a ValueError: a .vasp or .poscar file must not silently receive CIF text (POSCARs are
+    written one file per structure into a directory: --format poscar)."""
     if fmt:
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
         return fmt
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix and suffix not in SUFFIXES:
-        raise ValueError(f"{path}: cannot write .{suffix} files; name the output .cif, .extxyz, .xyz or .jsonl")
+        raise ValueError(f"{path}: cannot write .{suffix} files; name the output .cif, .extxyz, .xyz or .jsonl "
+                         "(or --format poscar: a directory of POSCAR files)")
     return SUFFIXES.get(suffix, "cif")
 
 
 class StructureAppender:
-    """Appends complete structure records to one file, flushing after each, so partial runs stay valid."""
+    """Appends complete structure records to one file (POSCAR: one file each into a directory), flushing
+    after each, so partial runs stay valid. Names are made unique within the run (NAME~2, NAME~3 ...): no two
+    blocks or files of one run share a name."""
 
-    def __init__(self, path: str | Path, fmt: str | None = None, mode: str = "a"):
+    def __init__(self, path: str | Path, fmt: str | None = None, mode: str = "a", symprec: float | None = None):
         self.path = Path(path)
         self.fmt = format_for(self.path, fmt)
-        self._handle: IO[str] = self.path.open(mode)
+        self.symprec = symprec
+        self._seen: Counter = Counter()
+        if self.fmt == "poscar":
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._handle: IO[str] | None = None
+        else:
+            self._handle = self.path.open(mode)
+
+    def _unique(self, name: str) -> str:
+        self._seen[name] += 1
+        return name if self._seen[name] == 1 else f"{name}~{self._seen[name]}"
 
     def append(self, structure: Structure, name: str) -> bool:
         """Write one record; False (nothing written) when it is a CIF block pymatgen would not read back with
         every site (it merges overlapping sites into one with occupancy > 1): a run's CIF never holds a block
-        its readers reject. The caller says so; jsonl and extxyz keep every structure."""
-        text = _WRITERS[self.fmt](structure, name)
-        if self.fmt == "cif" and not cif_reads_back(text, len(structure)):
-            return False
+        its readers reject. The caller says so; jsonl, extxyz and POSCAR keep every structure."""
+        name = self._unique(name)
+        if self.fmt == "poscar":
+            from crystal_cli.runs import write_text
+
+            write_text(self.path / f"{safe_name(name)}.vasp", poscar_text(structure, name))
+            return True
+        if self.fmt == "cif":
+            text = cif_block(structure, name, self.symprec)
+            if not cif_reads_back(text, structure, self.symprec is not None):
+                return False
+        else:
+            text = _WRITERS[self.fmt](structure, name)
         self._handle.write(text)
         self._handle.flush()
         return True
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
     def __enter__(self) -> StructureAppender:
         return self
@@ -115,12 +154,20 @@ class StructureAppender:
         self.close()
 
 
-def write_structures(path: str | Path, named: Iterable[tuple[str, Structure]], fmt: str | None = None) -> int:
-    """Write all structures to `path` atomically (temporary file + rename). Returns how many were written
-    (CIF blocks pymatgen would not read back are left out; see StructureAppender.append)."""
+_WRITERS = {"extxyz": extxyz_frame, "jsonl": structure_record}
+
+
+def write_structures(path: str | Path, named: Iterable[tuple[str, Structure]], fmt: str | None = None,
+                     symprec: float | None = None) -> int:
+    """Write all structures to `path` atomically (temporary file + rename; POSCAR: each file). Returns how
+    many were written (CIF blocks pymatgen would not read back are left out; see StructureAppender.append)."""
     path = Path(path)
+    fmt = format_for(path, fmt)
+    if fmt == "poscar":
+        with StructureAppender(path, fmt) as out:
+            return sum(out.append(structure, name) for name, structure in named)
     count = 0
-    with atomic_path(path) as tmp, StructureAppender(tmp, format_for(path, fmt), mode="w") as out:
+    with atomic_path(path) as tmp, StructureAppender(tmp, fmt, mode="w", symprec=symprec) as out:
         for name, structure in named:
             count += out.append(structure, name)
     return count

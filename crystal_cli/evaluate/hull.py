@@ -81,6 +81,15 @@ class Hull:
         if missing:
             raise ElementNotInHull(", ".join(missing))
 
+    def reference_entries(self, chemsys: frozenset[str]) -> list[PDEntry]:
+        """The hull's entries inside one chemical system (elements at 0, the frame's zero), for phase diagrams."""
+        entries = [PDEntry(Composition(el), 0.0, name=el) for el in sorted(chemsys)]
+        for formula, (energy, _) in self.entries.items():
+            if self._elements_of[formula] <= chemsys:
+                composition = Composition(formula)
+                entries.append(PDEntry(composition, energy * composition.num_atoms, name=formula))
+        return entries
+
     def _build_diagram(self, chemsys: frozenset[str]) -> PhaseDiagram:
         entries = [PDEntry(Composition(el), 0.0) for el in sorted(chemsys)]
         for formula, (energy, _) in self.entries.items():

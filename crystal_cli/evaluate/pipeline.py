@@ -80,6 +80,7 @@ class Evaluation:
     # structures the distribution plots compare against (density, #elements of the coverage reference)
     reference_properties: dict[str, list[float]] = field(default_factory=dict)
     adopted_relaxations: int = 0  # rows of a pre-manifest stability log this resume took over unchecked
+    hull: object | None = None  # the Hull the energies were measured against (phase-diagram plot)
 
 
 def _quiet(_: str, __: int | None) -> Callable[[int], None]:
@@ -166,6 +167,21 @@ def check_options(options: EvaluateOptions) -> None:
 def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | None = None) -> Evaluation:
     """All metrics the options ask for, on every entry under `path`."""
     check_options(options)
+    started = time.monotonic()
+    entries = read_samples(path)
+    read_s = round(time.monotonic() - started, 3)
+    evaluation = evaluate_entries(entries, options, progress, samples_path=path)
+    evaluation.timings = {"read": read_s, **evaluation.timings}
+    return evaluation
+
+
+def evaluate_entries(entries: list[Entry], options: EvaluateOptions, progress: ProgressFactory | None = None,
+                     samples_path: Path | None = None) -> Evaluation:
+    """All metrics the options ask for, on entries already read (structures in memory: crystal.evaluate).
+    The stability log (and its resume rule) needs `samples_path`, the file the entries came from."""
+    check_options(options)
+    if not entries:
+        raise CrystalError("no structures to evaluate")
     progress = progress or _quiet
     timings: dict[str, float] = {}
 
@@ -176,10 +192,11 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
 
     hull = Hull.load(options.hull) if options.hull is not None else None  # fail before hours of work
 
-    started = time.monotonic()
-    samples = [SampleResult(i, e) for i, e in enumerate(read_samples(path))]
-    timed("read", started)
-    run = stability_run(path, options) if options.stability and options.stability_log is not None else None
+    samples = [SampleResult(i, e) for i, e in enumerate(entries)]
+    logged = options.stability and options.stability_log is not None
+    if logged and samples_path is None:
+        raise CrystalError("a stability log records which samples file it relaxed: evaluate the file, not entries")
+    run = stability_run(samples_path, options) if logged else None
 
     started = time.monotonic()
     advance = progress("validity", len(samples))
@@ -192,7 +209,7 @@ def evaluate(path: Path, options: EvaluateOptions, progress: ProgressFactory | N
     valid_structures = [s.entry.structure for s in valid]
 
     started = time.monotonic()
-    evaluation = Evaluation(samples, timings=timings)
+    evaluation = Evaluation(samples, timings=timings, hull=hull)
     groups = len({matching.bucket_key(s) for s in valid_structures})
     flags = matching.uniqueness(valid_structures, options.workers, progress("uniqueness", groups))
     for sample, flag in zip(valid, flags):

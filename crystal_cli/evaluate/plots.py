@@ -24,7 +24,7 @@ def _pyplot():
     return plt
 
 
-PLOT_NAMES = ("e_above_hull.png", "density.png", "n_elements.png", "validity.png")  # every file it may write
+PLOT_NAMES = ("e_above_hull.png", "density.png", "n_elements.png", "validity.png", "phase_diagram.png")
 
 
 def _save(figure, path: Path) -> Path:
@@ -35,8 +35,40 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def write_plots(evaluation: Evaluation, directory: str | Path) -> list[Path]:
-    """Every figure the evaluation has data for; returns the files written."""
+def phase_diagram(evaluation: Evaluation, directory: Path, chemsys: str | None = None) -> Path | None:
+    """pymatgen's PDPlotter hull of one chemical system (`chemsys` such as "Li-Fe-P-O", else the most frequent
+    one among the relaxed samples, 2 to 4 elements) with the samples placed on it by their formation energy.
+    None when there is no hull, no relaxed sample in that system, or it has more than 4 elements."""
+    from pymatgen.analysis.phase_diagram import PDEntry, PDPlotter, PhaseDiagram
+
+    if evaluation.hull is None:
+        return None
+    relaxed = [s for s in evaluation.samples if s.stability is not None and s.stability.error is None
+               and s.stability.formation_energy_per_atom is not None and s.stability.relaxed is not None]
+    systems = Counter(s.stability.relaxed.composition.chemical_system for s in relaxed
+                      if 2 <= len(s.stability.relaxed.composition.elements) <= 4)
+    system = "-".join(sorted(chemsys.split("-"))) if chemsys else (systems.most_common(1)[0][0] if systems else None)
+    if system is None or not 2 <= len(system.split("-")) <= 4:
+        return None
+    elements = frozenset(system.split("-"))
+    samples = [PDEntry(s.stability.relaxed.composition,
+                       s.stability.formation_energy_per_atom * s.stability.relaxed.composition.num_atoms,
+                       name=s.entry.id)
+               for s in relaxed if frozenset(el.symbol for el in s.stability.relaxed.composition.elements) <= elements]
+    if not samples:
+        return None
+    diagram = PhaseDiagram(evaluation.hull.reference_entries(elements) + samples)
+    plotter = PDPlotter(diagram, show_unstable=max(0.2, max(diagram.get_e_above_hull(e) for e in samples)),
+                        backend="matplotlib")
+    axis = plotter.get_plot(label_unstable=True, highlight_entries=samples)
+    axis.set_title(f"{system}: {len(samples)} samples on the reference hull")
+    axis.figure.set_size_inches(9, 7)  # pymatgen's large fonts need the room
+    return _save(axis.figure, directory / "phase_diagram.png")
+
+
+def write_plots(evaluation: Evaluation, directory: str | Path, chemsys: str | None = None) -> list[Path]:
+    """Every figure the evaluation has data for (with a hull and relaxed samples also the phase diagram of
+    `chemsys`, or of the samples' most frequent chemical system); returns the files written."""
     plt = _pyplot()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -85,4 +117,7 @@ def write_plots(evaluation: Evaluation, directory: str | Path) -> list[Path]:
     axis.invert_yaxis()
     axis.set(xlabel="entries", title=f"validity of {len(evaluation.samples)} entries")
     written.append(_save(figure, directory / "validity.png"))
+    diagram = phase_diagram(evaluation, directory, chemsys)
+    if diagram is not None:
+        written.append(diagram)
     return written

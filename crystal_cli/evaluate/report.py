@@ -11,25 +11,35 @@ from pathlib import Path
 
 import numpy as np
 
+from crystal_cli import runs
+from crystal_cli.errors import CrystalError
 from crystal_cli.evaluate.matching import MATCHER_SETTINGS
 from crystal_cli.evaluate.pipeline import EvaluateOptions, Evaluation, SampleResult
 from crystal_cli.evaluate.stability import METASTABLE_THRESHOLD, STABLE_THRESHOLD
 from crystal_cli.evaluate.stats import wilson
 from crystal_cli.evaluate.validity import MIN_DISTANCE, MIN_VOLUME
-from crystal_cli import runs
 from crystal_cli.runs import atomic_path, package_versions
-from crystal_cli.structure_io import write_structures
+from crystal_cli.structure_io import FORMATS, format_for, write_structures
 
 CSV_COLUMNS = (
-    "id", "source", "formula", "n_sites", "parse_error", "parse_detail", "structural_valid", "structural_reason",
-    "compositional_valid", "compositional_reason", "valid", "unique", "novel", "energy_per_atom",
-    "formation_energy_per_atom", "e_above_hull", "metastable", "stable", "sun", "relax_steps", "relax_converged",
-    "relax_seconds", "stability_error", "stability_detail", "relaxed_structure",
+    "id", "source", "formula", "n_sites", "spacegroup", "density", "volume_per_atom", "min_distance", "parse_error",
+    "parse_detail", "structural_valid", "structural_reason", "compositional_valid", "compositional_reason", "valid",
+    "unique", "novel", "energy_per_atom", "formation_energy_per_atom", "e_above_hull", "metastable", "stable", "sun",
+    "relax_steps", "relax_converged", "relax_seconds", "stability_error", "stability_detail", "not_relaxed_reason",
+    "relaxed_structure",
 )
+SPACEGROUP_SYMPREC = 0.1  # Å, the field's tolerance for generated crystals (as encode uses for conditions)
 
 
-def _rate(k: int, n: int) -> dict:
-    return wilson(k, n).as_dict()
+# What each rate is out of, stated in report.json beside the rate (and in the CLI's table).
+OF_ENTRIES = "every entry read; parse failures count as invalid"
+OF_VALID = "valid structures (structurally and compositionally)"
+OF_SAMPLED = ("the seeded stability subset of every entry (valid or not); entries that cannot be relaxed "
+              "(parse failure, structurally invalid, failed relaxation) count as not stable")
+
+
+def _rate(k: int, n: int, of: str) -> dict:
+    return wilson(k, n).as_dict() | {"of": of}
 
 
 def _quantiles(values: list[float]) -> dict | None:
@@ -49,49 +59,80 @@ class OutputPaths:
     relaxed: Path | None
     stability_log: Path | None  # the resumable relaxation log; only inside -o DIR
     plots: Path | None = None
+    default_report: Path | None = None  # -o DIR/report.json, written even when --json points elsewhere
+    relaxed_format: str = "cif"  # cif, extxyz, jsonl, or poscar (a directory of POSCAR files)
 
     @classmethod
     def of(cls, output: Path | None, report: Path | None = None, csv: Path | None = None,
-           relaxed: Path | None = None, plots: Path | None = None) -> OutputPaths:
+           relaxed: Path | None = None, plots: Path | None = None, relaxed_format: str = "cif") -> OutputPaths:
+        if relaxed_format not in FORMATS:
+            raise CrystalError(f"--format {relaxed_format!r}: choose from {', '.join(FORMATS)}")
         if output is None:
-            return cls(report, csv, relaxed, None, plots)
-        return cls(report or output / "report.json", csv or output / "structures.csv",
-                   relaxed or output / "relaxed.cif", output / "stability.jsonl", plots)
+            return cls(report, csv, relaxed, None, plots, None, relaxed_format)
+        default = output / ("relaxed" if relaxed_format == "poscar" else f"relaxed.{relaxed_format}")
+        return cls(report or output / "report.json", csv or output / "structures.csv", relaxed or default,
+                   output / "stability.jsonl", plots, output / "report.json", relaxed_format)
+
+    def reports(self) -> list[Path]:
+        """report.json goes into -o DIR always, and also to --json when that names another file."""
+        return list(dict.fromkeys(p for p in (self.report, self.default_report) if p is not None))
 
     def files(self, stability: bool) -> list[Path]:
         """Every file the evaluation writes besides the stability log (which has its own manifest)."""
         from crystal_cli.evaluate.plots import PLOT_NAMES
 
-        files = [self.report, self.csv, self.relaxed if stability else None]
+        files = [*self.reports(), self.csv, self.relaxed if stability else None]
         files += [self.plots / name for name in PLOT_NAMES] if self.plots is not None else []
         return [path for path in files if path is not None]
 
     def check(self, stability: bool, overwrite: bool) -> None:
         """Before any work: each output is a file path, and none is a file crystal did not write (unless
         overwrite)."""
-        for path, option in ((self.report, "--json"), (self.csv, "--csv"), (self.relaxed, "--relaxed")):
+        for path, option in ((self.report, "--json"), (self.csv, "--csv")):
             runs.file_output(path, option)
+        if self.relaxed_format == "poscar":
+            runs.dir_output(self.relaxed, "--relaxed")
+        else:
+            runs.file_output(self.relaxed, "--relaxed")
+            try:
+                format_for(self.relaxed, self.relaxed_format)
+            except ValueError as exc:
+                raise CrystalError(str(exc)) from None
         runs.dir_output(self.plots, "--plots")
         runs.claim(self.files(stability), "evaluate", overwrite)
 
 
+def check_chemsys(chemsys: str | None) -> str | None:
+    """--chemsys as element symbols joined by "-", 2 to 4 of them (what a phase-diagram plot can show)."""
+    if chemsys is None:
+        return None
+    from pymatgen.core import Element
+
+    symbols = chemsys.split("-")
+    bad = [s for s in symbols if not Element.is_valid_symbol(s)]
+    if bad or not 2 <= len(set(symbols)) <= 4:
+        raise CrystalError(f"--chemsys {chemsys!r}: give 2 to 4 element symbols joined by '-', e.g. Li-Fe-P-O"
+                           + (f" ({', '.join(bad)} not an element)" if bad else ""))
+    return chemsys
+
+
 def write_outputs(evaluation: Evaluation, report: dict, paths: OutputPaths, samples_path: Path,
-                  stability: bool) -> dict:
+                  stability: bool, chemsys: str | None = None) -> dict:
     """Write the report, relaxed structures, csv and plots the paths ask for, and mark them as crystal's
     (runs.record_outputs). Returns what was written: {"report": path, "relaxed": (count, path), "csv": path,
     "plots": [paths]} for the ones written."""
     written: dict = {}
-    if paths.report:
-        written["report"] = write_json(report, paths.report)
+    for path in paths.reports():
+        written.setdefault("reports", []).append(write_json(report, path))
     if paths.relaxed and stability:
-        written["relaxed"] = (write_relaxed(evaluation, paths.relaxed), paths.relaxed)
+        written["relaxed"] = (write_relaxed(evaluation, paths.relaxed, paths.relaxed_format), paths.relaxed)
     if paths.csv:
         written["csv"] = write_csv(evaluation, paths.csv, paths.relaxed if stability else None)
     if paths.plots:
         from crystal_cli.evaluate.plots import write_plots
 
-        written["plots"] = write_plots(evaluation, paths.plots)
-    files = [p for key in ("report", "csv") if key in written for p in (written[key],)]
+        written["plots"] = write_plots(evaluation, paths.plots, chemsys)
+    files = [*written.get("reports", []), *([written["csv"]] if "csv" in written else [])]
     files += [written["relaxed"][1]] if "relaxed" in written else []
     files += written.get("plots", [])
     runs.record_outputs("evaluate", files, report["settings"], {"samples": runs.input_record(samples_path)})
@@ -127,17 +168,17 @@ def build_report(evaluation: Evaluation, options: EvaluateOptions, samples_path:
         "counts": {"entries": n, "structures": len(parsed), "valid": len(valid),
                    "parse_failures": dict(parse_failures), **evaluation.reference_sizes},
         "validity": {
-            "structural": _rate(sum(s.validity.structural for s in parsed), n),
-            "compositional": _rate(sum(s.validity.compositional for s in parsed), n),
-            "overall": _rate(len(valid), n),
+            "structural": _rate(sum(s.validity.structural for s in parsed), n, OF_ENTRIES),
+            "compositional": _rate(sum(s.validity.compositional for s in parsed), n, OF_ENTRIES),
+            "overall": _rate(len(valid), n, OF_ENTRIES),
             "invalid_reasons": dict(invalid_reasons.most_common()),
         },
-        "uniqueness": _rate(sum(bool(s.unique) for s in valid), len(valid)),
+        "uniqueness": _rate(sum(bool(s.unique) for s in valid), len(valid), OF_VALID),
         "timings_s": evaluation.timings,
     }
     if options.reference is not None:
-        report["novelty"] = _rate(sum(bool(s.novel) for s in valid), len(valid))
-        report["unique_and_novel"] = _rate(sum(bool(s.novel and s.unique) for s in valid), len(valid))
+        report["novelty"] = _rate(sum(bool(s.novel) for s in valid), len(valid), OF_VALID)
+        report["unique_and_novel"] = _rate(sum(bool(s.novel and s.unique) for s in valid), len(valid), OF_VALID)
     if evaluation.coverage is not None:
         report["coverage"] = evaluation.coverage
     if evaluation.distribution is not None:
@@ -159,16 +200,17 @@ def _stability_section(evaluation: Evaluation, options: EvaluateOptions) -> dict
         "converged": sum(r.converged for r in records),
         "failures": dict(Counter(r.error for r in records if r.error).most_common()),
         "energy_per_atom": _quantiles([r.energy_per_atom for r in relaxed if r.error is None]),
-        "seconds_per_relaxation": _quantiles([r.seconds for r in records if r.steps > 0]),
+        # every structure handed to the potential: failed and timed-out relaxations included
+        "seconds_per_relaxation": _quantiles([r.seconds for r in records if r.seconds > 0]),
     }
     if options.hull is not None:
         e_hull = [r.e_above_hull for r in records if r.error is None and r.e_above_hull is not None]
         section["hull"] = str(options.hull)
         section["e_above_hull"] = _quantiles(e_hull)
-        section["metastable"] = _rate(sum(r.metastable for r in records), k)
-        section["stable"] = _rate(sum(r.stable for r in records), k)
+        section["metastable"] = _rate(sum(r.metastable for r in records), k, OF_SAMPLED)
+        section["stable"] = _rate(sum(r.stable for r in records), k, OF_SAMPLED)
         if options.reference is not None:
-            section["sun"] = _rate(sum(bool(s.sun) for s in chosen), k)
+            section["sun"] = _rate(sum(bool(s.sun) for s in chosen), k, OF_SAMPLED)
     return section
 
 
@@ -178,12 +220,41 @@ def write_json(report: dict, path: str | Path) -> Path:
     return runs.write_json(path, report)
 
 
-def _csv_row(sample: SampleResult, relaxed_path: Path | None) -> dict:
+def _geometry(structure) -> dict:
+    """Space group (symprec 0.1; empty where spglib gives up), density, volume per atom, shortest distance."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    from crystal_cli.sampling.guard import shortest_distance
+
+    try:
+        spacegroup = SpacegroupAnalyzer(structure, symprec=SPACEGROUP_SYMPREC).get_space_group_number()
+    except Exception:  # spglib fails on some degenerate cells; the column is then left empty
+        spacegroup = None
+    shortest = shortest_distance(structure)
+    return {"spacegroup": spacegroup, "density": round(float(structure.density), 4),
+            "volume_per_atom": round(structure.volume / len(structure), 4),
+            "min_distance": None if shortest is None else round(shortest, 4)}
+
+
+def _not_relaxed(sample: SampleResult, sampled: bool | None) -> str:
+    """Why a structure has no relaxation: stability off, outside the seeded subset, or the record's reason."""
+    if sampled is None:
+        return "stability_off"
+    if not sampled:
+        return "not_in_stability_subset"
+    record = sample.stability
+    return record.error or "" if record is not None and record.relaxed is None else ""
+
+
+def csv_row(sample: SampleResult, relaxed_path: Path | None, sampled: bool | None = None) -> dict:
+    """One structures.csv row. `sampled`: whether the entry is in the stability subset (None: stability off)."""
     entry, v, r = sample.entry, sample.validity, sample.stability
     row = {
         "id": entry.id, "source": entry.source,
         "formula": entry.structure.composition.reduced_formula if entry.structure is not None else "",
         "n_sites": len(entry.structure) if entry.structure is not None else "",
+        **(_geometry(entry.structure) if entry.structure is not None else {}),
+        "not_relaxed_reason": _not_relaxed(sample, sampled),
         "parse_error": entry.error or "", "parse_detail": entry.detail,
         "structural_valid": v.structural if v else False, "structural_reason": v.structural_reason if v else "",
         "compositional_valid": v.compositional if v else False,
@@ -208,15 +279,16 @@ def write_csv(evaluation: Evaluation, path: str | Path, relaxed_path: Path | Non
     with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
+        chosen = set(evaluation.stability_indices) if evaluation.stability_indices is not None else None
         for sample in evaluation.samples:
-            writer.writerow(_csv_row(sample, relaxed_path))
+            writer.writerow(csv_row(sample, relaxed_path, None if chosen is None else sample.index in chosen))
     return path
 
 
-def write_relaxed(evaluation: Evaluation, path: str | Path) -> int:
-    """Relaxed structures as one multi-block CIF, blocks named by entry id."""
+def write_relaxed(evaluation: Evaluation, path: str | Path, fmt: str = "cif") -> int:
+    """Relaxed structures, named by entry id: one multi-block CIF (or extxyz/jsonl; poscar: a directory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     named = [(s.entry.id, s.stability.relaxed) for s in evaluation.samples
              if s.stability is not None and s.stability.relaxed is not None]
-    return write_structures(path, named, fmt="cif")
+    return write_structures(path, named, fmt=fmt)

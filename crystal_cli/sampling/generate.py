@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -51,6 +51,7 @@ class GenerateOptions:
     max_atoms: int = 20
     parallel: int = 32
     fmt: str | None = None
+    symmetrize: float | None = None  # write symmetry-refined CIF blocks found with this tolerance (Å)
     resume: bool = False
     overwrite: bool = False  # start over: replace the output, its sidecar and manifest (even files crystal did not write)
     backend: str = "llama"
@@ -117,9 +118,15 @@ def _check_common(options: GenerateOptions) -> None:
         raise CrystalError(f"--format {options.fmt!r}: choose from {', '.join(FORMATS)}")
     if not options.output.parent.is_dir():
         raise CrystalError(f"{options.output}: directory {options.output.parent} does not exist")
-    if options.output.is_dir():
+    fmt = output_paths(options.output, options.fmt)[1]
+    if fmt == "poscar" and options.output.exists() and not options.output.is_dir():
+        raise CrystalError(f"{options.output}: a file; --format poscar writes one POSCAR per sample into a directory")
+    if fmt != "poscar" and options.output.is_dir():
         raise CrystalError(f"{options.output}: is a directory; -o names the structure file to write (e.g. samples.cif)")
-    output_paths(options.output, options.fmt)
+    if options.symmetrize is not None and (fmt != "cif" or not math.isfinite(options.symmetrize)
+                                           or options.symmetrize <= 0):
+        raise CrystalError(f"--symmetrize takes a symmetry tolerance > 0 Å and writes CIF, got {options.symmetrize} "
+                           f"with format {fmt}")
     if not math.isfinite(options.temperature) or options.temperature < 0:
         raise CrystalError(f"--temperature must be a number >= 0 (0 = greedy), got {options.temperature}")
     if not math.isfinite(options.top_p) or not 0 < options.top_p <= 1:
@@ -176,21 +183,30 @@ def prompt_and_grammar(options: GenerateOptions) -> tuple[str, str | None]:
 # ------------------------------------------------------------------------------------------- models
 
 
-class _LlamaBackend:
-    def __init__(self, options: GenerateOptions, source: str | Path, settings: SamplingSettings, gbnf: str | None):
-        from crystal_cli.export import cached_export, check_gguf_model, gguf_quant, resolve_quant
-        from crystal_cli.sampling.llama_backend import BatchedSampler, LlamaModel
+def load_llama(options: GenerateOptions, source: str | Path):
+    """(LlamaModel, weight type) of a resolved -m: a GGUF as it is, or a run/base exported once (cached)."""
+    from crystal_cli.export import cached_export, check_gguf_model, gguf_quant, resolve_quant
+    from crystal_cli.sampling.llama_backend import LlamaModel
 
-        if isinstance(source, Path) and source.suffix == ".gguf":
-            if check_gguf_model(source) == "adapter":
-                raise CrystalError(f"{source}: a LoRA adapter, not a model; pass it with --adapter and the base with -m")
-            gguf, self.quant = source, gguf_quant(source)
-        else:
-            self.quant = resolve_quant(source, options.quant)
-            gguf = cached_export(source, self.quant)
-        if options.adapter is not None and check_gguf_model(options.adapter) != "adapter":
-            raise CrystalError(f"{options.adapter}: not a GGUF LoRA adapter (crystal export --adapter-only)")
-        self.model = LlamaModel(gguf, options.adapter, options.threads)
+    if isinstance(source, Path) and source.suffix == ".gguf":
+        if check_gguf_model(source) == "adapter":
+            raise CrystalError(f"{source}: a LoRA adapter, not a model; pass it with --adapter and the base with -m")
+        gguf, quant = source, gguf_quant(source)
+    else:
+        quant = resolve_quant(source, options.quant)
+        gguf = cached_export(source, quant)
+    if options.adapter is not None and check_gguf_model(options.adapter) != "adapter":
+        raise CrystalError(f"{options.adapter}: not a GGUF LoRA adapter (crystal export --adapter-only)")
+    return LlamaModel(gguf, options.adapter, options.threads), quant
+
+
+class _LlamaBackend:
+    def __init__(self, options: GenerateOptions, source: str | Path, settings: SamplingSettings, gbnf: str | None,
+                 loaded=None):
+        from crystal_cli.sampling.llama_backend import BatchedSampler
+
+        self.owns_model = loaded is None  # a model loaded by the caller (crystal.load_model) stays open
+        self.model, self.quant = load_llama(options, source) if loaded is None else loaded
         self.sampler = BatchedSampler(self.model, settings, gbnf, guard_settings(options) if gbnf else None)
         self.settings = settings
 
@@ -207,7 +223,8 @@ class _LlamaBackend:
 
     def close(self) -> None:
         self.sampler.close()
-        self.model.close()
+        if self.owns_model:
+            self.model.close()
 
 
 class _TransformersBackend:
@@ -253,7 +270,9 @@ class _TransformersBackend:
             self.vocab_model.close()
 
 
-def open_backend(options: GenerateOptions, source: str | Path, gbnf: str | None):
+def open_backend(options: GenerateOptions, source: str | Path, gbnf: str | None, loaded=None):
+    """The sampler for these options: llama.cpp (reusing `loaded`, a (LlamaModel, quant) pair, when given) or
+    transformers."""
     settings = SamplingSettings(
         temperature=options.temperature,
         top_p=options.top_p,
@@ -261,8 +280,9 @@ def open_backend(options: GenerateOptions, source: str | Path, gbnf: str | None)
         parallel=options.parallel,
         threads=options.threads,
     )
-    backend = _LlamaBackend if options.backend == "llama" else _TransformersBackend
-    return backend(options, source, settings, gbnf)
+    if options.backend == "llama":
+        return _LlamaBackend(options, source, settings, gbnf, loaded)
+    return _TransformersBackend(options, source, settings, gbnf)
 
 
 # -------------------------------------------------------------------------------------- the run record
@@ -371,27 +391,49 @@ def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummar
             runs.discard(options.output, sidecar)
         start.commit()
         if fmt != "jsonl" and rows:
-            _rebuild_structures(options.output, fmt, rows)
-        appender = StructureAppender(options.output, fmt, mode="a" if rows else "w") if fmt != "jsonl" else None
+            _rebuild_structures(options.output, fmt, rows, options.symmetrize)
+        appender = StructureAppender(options.output, fmt, mode="a" if rows else "w",
+                                     symprec=options.symmetrize) if fmt != "jsonl" else None
         started = time.perf_counter()
         with sidecar.open("a" if rows else "w") as log:
             try:
                 for finished in backend.run(prompt, jobs):
                     row, structure = _row(finished, f"{stem}-{finished.index:05d}", prompt, provenance)
-                    append_jsonl(log, row)
-                    if structure is not None:
-                        summary.valid += structural_validity(structure)[0]
-                        if appender is not None and not appender.append(structure, row["id"]):
-                            summary.not_in_file += 1
-                    _count(summary, row, started)
-                    if on_sample is not None:
-                        on_sample(row, summary)
+                    _record(summary, log, appender, row, structure, started, on_sample)
             finally:
                 if appender is not None:
                     appender.close()
     finally:
         backend.close()
     return summary
+
+
+def draw(options: GenerateOptions, source: str | Path, loaded=None) -> Iterator[tuple[dict, object]]:
+    """(sidecar row, parsed structure or None) of every sample as it finishes, written nowhere: the loop of
+    generate() without its files (crystal.iter_generate). `loaded`: a (LlamaModel, quant) pair to reuse."""
+    _check_common(options)
+    prompt, gbnf = prompt_and_grammar(options)
+    backend = open_backend(options, source, gbnf, loaded)
+    provenance = _provenance(options, _model_inputs(source, options), backend.quant)
+    try:
+        for finished in backend.run(prompt, [Job(i, job_seed(options.seed, i)) for i in range(options.n)]):
+            yield _row(finished, f"sample-{finished.index:05d}", prompt, provenance)
+    finally:
+        backend.close()
+
+
+def _record(summary: GenerateSummary, log, appender: StructureAppender | None, row: dict, structure,
+            started: float, on_sample) -> None:
+    """One finished sample: its sidecar row, its structure (when it parsed and the file can hold it), the
+    summary's counts, the caller's callback."""
+    append_jsonl(log, row)
+    if structure is not None:
+        summary.valid += structural_validity(structure)[0]
+        if appender is not None and not appender.append(structure, row["id"]):
+            summary.not_in_file += 1
+    _count(summary, row, started)
+    if on_sample is not None:
+        on_sample(row, summary)
 
 
 def _count(summary: GenerateSummary, row: dict, started: float) -> None:
@@ -405,7 +447,7 @@ def _count(summary: GenerateSummary, row: dict, started: float) -> None:
     summary.seconds = time.perf_counter() - started
 
 
-def _rebuild_structures(output: Path, fmt: str, rows: list[dict]) -> None:
+def _rebuild_structures(output: Path, fmt: str, rows: list[dict], symprec: float | None = None) -> None:
     """The structure file made again from the sidecar (the source of truth), so resume never duplicates."""
     named = []
     for row in rows:
@@ -413,7 +455,7 @@ def _rebuild_structures(output: Path, fmt: str, rows: list[dict]) -> None:
             parsed = codec.parse_crystal(row["text"])
             if parsed.ok:
                 named.append((row["id"], parsed.structure))
-    write_structures(output, named, fmt)
+    write_structures(output, named, fmt, symprec)
 
 
 # -------------------------------------------------------------------------------------------- infill
@@ -472,9 +514,11 @@ def infill(options: GenerateOptions, on_sample=None, on_ready: Callable[[], None
         by_id = {e.id: e for e in targets}
         if fmt != "jsonl" and rows:  # remade from the sidecar and the inputs: exactly what a fresh run wrote
             write_structures(options.output, [(r["id"], _substituted(by_id[r["source_id"]], r["mask"], r["element"]))
-                                              for r in rows if r.get("source_id") in by_id], fmt)
+                                              for r in rows if r.get("source_id") in by_id], fmt,
+                             options.symmetrize)
         candidate_tokens = [backend.tokenize(el) for el in candidates]
-        appender = StructureAppender(options.output, fmt, mode="a" if rows else "w") if fmt != "jsonl" else None
+        appender = StructureAppender(options.output, fmt, mode="a" if rows else "w",
+                                     symprec=options.symmetrize) if fmt != "jsonl" else None
         with sidecar.open("a" if rows else "w") as log:
             for entry in todo:
                 prompt = codec.infill_prompt(entry.structure, options.mask)
@@ -506,14 +550,8 @@ def infill(options: GenerateOptions, on_sample=None, on_ready: Callable[[], None
                         "seconds": round(time.perf_counter() - started, 3),
                         **provenance,
                     }
-                    append_jsonl(log, row)
                     done.append(candidates[i])
-                    summary.valid += structural_validity(substituted)[0]
-                    if appender is not None and not appender.append(substituted, row["id"]):
-                        summary.not_in_file += 1
-                    _count(summary, row, started)
-                    if on_sample is not None:
-                        on_sample(row, summary)
+                    _record(summary, log, appender, row, substituted, started, on_sample)
         if appender is not None:
             appender.close()
     finally:
