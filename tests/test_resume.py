@@ -86,7 +86,10 @@ def test_generate_continues_after_a_real_sigint(tiny_gguf, tmp_path):
     args = [sys.executable, "-m", "crystal_cli.cli", "generate", "-m", str(tiny_gguf), "-o", str(out), "-n", "4000"]
     for flag, value in {**SAMPLING, "--parallel": "2"}.items():
         args += [flag, value]
-    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell starts background jobs with SIGINT ignored, and children inherit that: restore the default so
+    # the test means the same under `make test &` as in a terminal.
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     sidecar = tmp_path / "run.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
