@@ -28,22 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crystal_cli.runtime import configure_process  # noqa: E402
+from crystal_cli.runtime import configure_process, matmul_gflops  # noqa: E402
 
 configure_process()
-
-
-def matmul_gflops(seconds: float = 3.0) -> float:
-    """float32 GEMM throughput with torch on all threads (the machine's practical dense-math ceiling)."""
-    import torch
-
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    torch.mm(a, b)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        count += 1
-    return 2 * 1024**3 * count / (time.perf_counter() - start) / 1e9
 
 
 def show(name: str, r: dict) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from crystal_cli.runtime import configure_process  # noqa: E402
+from crystal_cli.runtime import configure_process, matmul_gflops  # noqa: E402
 
 configure_process()
 
@@ -69,20 +69,6 @@ def training_records(count: int) -> list[dict]:
     return [{"prompt": codec.unconditional_prompt(), "task": "unconditional",
              "completion": codec.encode_structure(Structure(Lattice.cubic(3.0 + 0.1 * i), ["Na", "Cl"],
                                                             [[0, 0, 0], [0.5, 0.5, 0.5]]))} for i in range(count)]
-
-
-def matmul_gflops(dtype_name: str, seconds: float = 2.0) -> float:
-    """GEMM throughput with torch on all threads in `dtype_name` (the machine's practical dense-math ceiling)."""
-    import torch
-
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    torch.mm(a, b)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        count += 1
-    return 2 * 2048**3 * count / (time.perf_counter() - start) / 1e9
 
 
 def model_flops(net, method: str, head_rows: int, completion_share: float) -> float:
@@ -178,7 +164,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     native_bf16 = cpu_has_bf16()
-    peaks = {p: matmul_gflops(p) for p in ("fp32", "bf16")}
+    peaks = {p: matmul_gflops(p, size=2048, seconds=2.0) for p in ("fp32", "bf16")}
     results = []
     for row in rows:
         command = [sys.executable, __file__, "--one", row, "--steps", str(args.steps), "--batch", str(args.batch),

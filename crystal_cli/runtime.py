@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 import warnings
 
 _M_TRIM_THRESHOLD = -1
@@ -67,3 +68,18 @@ def idle_cores(window_s: float = 0.25) -> int:
     idle, total = second[0] - first[0], second[1] - first[1]
     busy = (1 - idle / total) * (os.cpu_count() or usable) if total > 0 else 0.0
     return max(1, min(usable, round((os.cpu_count() or usable) - busy)))
+
+
+def matmul_gflops(dtype: str = "fp32", size: int = 1024, seconds: float = 3.0) -> float:
+    """GEMM throughput of torch on all its threads in fp32 or bf16: the machine's practical dense-math
+    ceiling, which the benchmarks report their share of."""
+    import torch
+
+    kind = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=kind), torch.randn(size, size, dtype=kind)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
