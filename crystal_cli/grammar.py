@@ -1,4 +1,4 @@
-"""A GBNF grammar for Crystal-LLM text, so that every finished sample parses, and its token-level engine.
+"""A GBNF grammar for Crystal-LLM text, so that every finished sample parses, and the tokens it can emit.
 
 The grammar (llama.cpp's GBNF, see llama.cpp grammars/README.md) is the codec's format with every number in
 range: lengths ``{:.1f}`` in [1.0, 99.9] Å, angles ``{:.0f}`` that always enclose a volume (0 < α, β, γ < 180,
@@ -11,15 +11,13 @@ With a formula the sites are the elements in the order the training text uses (M
 electronegativity, pymatgen's Element order, and group them by element), each count k × the reduced formula,
 k × atoms-per-formula ≤ max atoms.
 
-The engine is llama.cpp's own grammar sampler, used by both backends (transformers gets the same grammar
-through a vocabulary-only GGUF load). It is kept cheap by applying it only to a shortlist: the tokens whose
-text could ever occur in crystal text (digits, '.', ' ', '\\n', element-like letters) plus end-of-generation —
-a few hundred of 49,152, and every other token would be rejected anyway, so the masked distribution is exact.
+The grammar runs on llama.cpp's own grammar sampler (sampling/llama_ctypes.py) over a shortlist: the tokens
+whose text could ever occur in crystal text (digits, '.', ' ', '\\n', element-like letters) plus
+end-of-generation — a few hundred of 49,152; the trainer restricts its loss to the same shortlist.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
 import re
 from collections.abc import Sequence
@@ -44,8 +42,6 @@ _LETTER_RUNS = re.compile(r"[A-Za-z]+")
 _SYMBOL_PREFIXES = frozenset(el[:i] for el in ELEMENTS for i in range(1, len(el) + 1))
 _SYMBOL_SUFFIXES = frozenset(el[i:] for el in ELEMENTS for i in range(len(el)))
 _SYMBOL_PARTS = _SYMBOL_PREFIXES | _SYMBOL_SUFFIXES
-
-TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data, 12 bytes
 
 
 def max_new_tokens(max_atoms: int) -> int:
@@ -188,7 +184,7 @@ def crystal_gbnf(max_atoms: int, formula: FormulaConstraint | None = None) -> st
     return "\n".join(rules) + "\n"
 
 
-# -------------------------------------------------------------------------------------- token engine
+# -------------------------------------------------------------------------------------------- tokens
 
 
 def _could_be_crystal_text(piece: str) -> bool:
@@ -213,72 +209,3 @@ def crystal_shortlist(pieces: Sequence[str], end_tokens: Sequence[int]) -> np.nd
     """Token ids that could ever be grammatical: pieces of crystal text and end-of-generation tokens."""
     ids = {i for i, piece in enumerate(pieces) if _could_be_crystal_text(piece)}
     return np.array(sorted(ids | set(end_tokens)), dtype=np.int32)
-
-
-class CandidateArray:
-    """A reusable llama_token_data_array over a numpy buffer: samplers run on it in place."""
-
-    def __init__(self, capacity: int):
-        import llama_cpp
-
-        self.buffer = np.zeros(capacity, dtype=TOKEN_DATA)
-        self._data = ctypes.cast(self.buffer.ctypes.data, llama_cpp.llama_token_data_p)
-        self.array = llama_cpp.llama_token_data_array(self._data, 0, -1, False)
-        self.pointer = ctypes.byref(self.array)
-
-    def load(self, ids: np.ndarray, logits: np.ndarray) -> None:
-        n = len(ids)
-        self.buffer["id"][:n] = ids
-        self.buffer["logit"][:n] = logits
-        self.buffer["p"][:n] = 0.0
-        self.array.data = self._data  # samplers may repoint it
-        self.array.size = n
-        self.array.selected = -1
-        self.array.sorted = False
-
-    def selected_token(self) -> int:
-        return int(self.array.data[self.array.selected].id)
-
-    def view(self) -> np.ndarray:
-        """The (possibly reordered, masked) candidates after a sampler ran."""
-        size = int(self.array.size)
-        address = ctypes.cast(self.array.data, ctypes.c_void_p).value
-        if address == self.buffer.ctypes.data:
-            return self.buffer[:size]
-        return np.ctypeslib.as_array(ctypes.cast(self.array.data, ctypes.POINTER(ctypes.c_uint8)), (size * 12,)).view(
-            TOKEN_DATA
-        )
-
-
-class GrammarEngine:
-    """One GBNF grammar compiled for one llama.cpp vocabulary; hands out per-sequence grammar samplers."""
-
-    def __init__(self, vocab, gbnf: str, shortlist: np.ndarray):
-        import llama_cpp
-
-        self._llama = llama_cpp
-        self.shortlist = shortlist
-        self._template = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
-        if not self._template:
-            raise ValueError("llama.cpp rejected the crystal grammar")
-
-    def new_sampler(self):
-        """A fresh grammar sampler at the start of the text (caller frees it, or a chain takes it over)."""
-        return self._llama.llama_sampler_clone(self._template)
-
-    def mask(self, sampler, candidates: CandidateArray, logits_row: np.ndarray) -> np.ndarray:
-        """Shortlist logits with every token the grammar rejects at -inf (shortlist order)."""
-        candidates.load(self.shortlist, logits_row[self.shortlist])
-        self._llama.llama_sampler_apply(sampler, candidates.pointer)
-        return candidates.view()["logit"].copy()
-
-    def accept(self, sampler, token: int) -> None:
-        self._llama.llama_sampler_accept(sampler, token)
-
-    def close(self) -> None:
-        if self._template:
-            self._llama.llama_sampler_free(self._template)
-            self._template = None
-
-    def __del__(self) -> None:
-        self.close()

@@ -11,7 +11,8 @@ from tests.conftest import shared, simple_structures
 
 from crystal_cli import codec
 from crystal_cli.errors import CrystalError
-from crystal_cli.grammar import CandidateArray, crystal_gbnf, element_order, formula_constraint, int_range
+from crystal_cli.grammar import crystal_gbnf, element_order, formula_constraint, int_range
+from crystal_cli.sampling.llama_ctypes import CandidateArray
 
 
 @pytest.fixture(scope="module")

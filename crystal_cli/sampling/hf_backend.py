@@ -17,6 +17,7 @@ import numpy as np
 
 from crystal_cli.sampling.guard import DistanceGuard, GuardSettings
 from crystal_cli.sampling.llama_backend import Finished, Job, SamplingSettings
+from crystal_cli.sampling.llama_ctypes import CandidateArray
 
 
 def load_vocab_grammar(tokenizer_gguf: Path, gbnf: str):
@@ -42,8 +43,6 @@ class _GrammarProcessor:
         self.guard = guard
         self.states = [guard.new_state() for _ in range(batch)] if guard is not None else None
         self.failed = [False] * batch
-        from crystal_cli.grammar import CandidateArray
-
         self.candidates = CandidateArray(len(engine.shortlist))
 
     def __call__(self, input_ids, scores):

@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from crystal_cli.errors import CrystalError
-from crystal_cli.grammar import CandidateArray, GrammarEngine, crystal_shortlist
+from crystal_cli.grammar import crystal_shortlist
 from crystal_cli.runtime import idle_cores, quiet_llama_cpp
 from crystal_cli.sampling.guard import DistanceGuard, GuardSettings, GuardState
+from crystal_cli.sampling.llama_ctypes import CandidateArray, GrammarEngine
 
 
 @dataclass(frozen=True)
