@@ -34,6 +34,7 @@ def pick_targets(test_csv: Path, count: int, max_atoms: int, seed: int) -> list[
     """`count` rows of distinct reduced formulas, seeded, with ≤ max_atoms sites."""
     import numpy as np
 
+    from crystal_cli import codec
     from crystal_cli.datasets import read_structures
 
     rows, seen = [], set()
@@ -45,16 +46,7 @@ def pick_targets(test_csv: Path, count: int, max_atoms: int, seed: int) -> list[
         rows.append((entry.id, s))
     order = np.random.default_rng(seed).permutation(len(rows))[:count]
     return [{"id": rows[i][0], "formula": rows[i][1].composition.reduced_formula, "n_atoms": len(rows[i][1]),
-             "spacegroup": spacegroup_of(rows[i][1])} for i in sorted(order)]
-
-
-def spacegroup_of(structure) -> int | None:
-    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
-
-    try:
-        return SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_number()
-    except Exception:  # spglib gives up on some degenerate cells: counted as a miss
-        return None
+             "spacegroup": codec.spacegroup_number(rows[i][1])} for i in sorted(order)]
 
 
 def train_spacegroup_share(records: Path, groups: list[int]) -> float:
@@ -106,7 +98,8 @@ def main() -> None:
                 composition_hits, composition_n = composition_hits + hits, composition_n + len(structures)
                 result["exact_composition"] = f"{hits}/{len(structures)}"
             else:
-                found = [spacegroup_of(s) if s is not None else None for s in structures]
+                # None (unparsed, or spglib gave up) counts as a miss
+                found = [codec.spacegroup_number(s) if s is not None else None for s in structures]
                 hits = sum(g == target["spacegroup"] for g in found)
                 group_hits, group_n = group_hits + hits, group_n + len(structures)
                 result["spacegroup_match"] = f"{hits}/{len(structures)}"
@@ -121,7 +114,7 @@ def main() -> None:
     baseline = train_spacegroup_share(args.records, [t["spacegroup"] for t in targets]) if args.records.exists() else None
     summary = {
         "model": args.model or "default (models/default)", "formulas": len(targets), "k": args.k,
-        "temperature": args.temperature, "symprec": 0.1,
+        "temperature": args.temperature, "symprec": codec.SYMPREC,
         "exact_composition": composition.as_dict(),
         "spacegroup_match": groups.as_dict(),
         "spacegroup_no_skill_rate": baseline,
@@ -130,7 +123,7 @@ def main() -> None:
     (args.out / "conditional.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n--formula: exact composition {composition_hits}/{composition_n} = {composition.rate:.1%} "
           f"(95 % CI {composition.low:.1%}–{composition.high:.1%})")
-    print(f"--spacegroup: symmetry matches (symprec 0.1) {group_hits}/{group_n} = {groups.rate:.1%} "
+    print(f"--spacegroup: symmetry matches (symprec {codec.SYMPREC}) {group_hits}/{group_n} = {groups.rate:.1%} "
           f"(95 % CI {groups.low:.1%}–{groups.high:.1%})"
           + (f"; no-skill rate from the train distribution {baseline:.1%}" if baseline is not None else ""))
 

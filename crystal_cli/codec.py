@@ -42,6 +42,7 @@ CONDITION_SENTENCES: dict[str, str] = {
     "band_gap": "The band gap is {}. ",
 }
 CONDITIONS = tuple(CONDITION_SENTENCES)
+SYMPREC = 0.1  # Å, the tolerance the field uses for space groups of generated and reference crystals
 
 _ELEMENT_LIKE = re.compile(r"^[A-Za-z\[\]]{1,8}$")
 
@@ -191,6 +192,17 @@ def infill_prompt(structure: Structure, element: str) -> str:
 
 def reduced_formula(structure: Structure) -> str:
     return structure.composition.reduced_formula
+
+
+def spacegroup_number(structure: Structure) -> int | None:
+    """The structure's space group number at SYMPREC, or None where spglib gives up on a degenerate cell.
+    One reading for training conditions, the bench's condition check and structures.csv, so they agree."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer  # seconds to import; most commands never need it
+
+    try:
+        return SpacegroupAnalyzer(structure, symprec=SYMPREC).get_space_group_number()
+    except Exception:  # spglib raises on some degenerate cells
+        return None
 
 
 def parse_formula(formula: str) -> Composition:

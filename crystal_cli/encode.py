@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 from pymatgen.core import Structure
-from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from crystal_cli import codec, runs
 from crystal_cli.datasets import Entry, count_entries, discover, read_entries, read_file
@@ -27,7 +26,6 @@ from crystal_cli.errors import CrystalError
 from crystal_cli.files import read_toml
 
 TASKS = ("unconditional", "formula", "spacegroup", "stability", "conditional", "infill")
-SYMPREC = 0.1  # the tolerance the field uses for space groups of generated and reference crystals
 
 
 @dataclass
@@ -65,13 +63,6 @@ class SplitStats:
     tasks: Counter = field(default_factory=Counter)
 
 
-def spacegroup_number(structure: Structure) -> int | None:
-    try:
-        return SpacegroupAnalyzer(structure, symprec=SYMPREC).get_space_group_number()
-    except Exception:  # spglib gives up on some degenerate cells; the condition is then left out
-        return None
-
-
 def _rng(seed: int, *keys: str) -> np.random.Generator:
     return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
 
@@ -81,8 +72,8 @@ def records_for(entry: Entry, structure: Structure, options: EncodeOptions) -> I
     rng = _rng(options.seed, entry.id, entry.source)
     properties = dict(entry.properties)
     if "spacegroup" not in properties:
-        number = spacegroup_number(structure)
-        if number is not None:
+        number = codec.spacegroup_number(structure)
+        if number is not None:  # None: spglib gave up, and the prompts leave the condition out
             properties["spacegroup"] = number
     formula = codec.reduced_formula(structure)
     conditions = {"formula": formula, **{k: v for k, v in properties.items() if k in codec.CONDITIONS}}

@@ -130,6 +130,16 @@ def test_parse_formula():
             codec.parse_formula(bad)
 
 
+def test_spacegroup_number_reads_within_the_fields_tolerance(structures):
+    assert codec.spacegroup_number(structures["NaCl"]) == 225
+    cscl = structures["CsCl"]
+    # Cl moved by d along a sits 2d from its mirror image: cubic while 2d < SYMPREC
+    for shift, expected_cubic in ((0.25 * codec.SYMPREC, True), (3 * codec.SYMPREC, False)):
+        moved = cscl.copy()
+        moved.translate_sites([1], [shift / cscl.lattice.a, 0, 0])
+        assert (codec.spacegroup_number(moved) == 221) is expected_cubic
+
+
 def test_augmentation_is_seeded_and_preserves_the_crystal(structures):
     s = structures["ZnO-hex"]
     a = codec.augment(s, 3, np.random.default_rng(7), permute=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crystal_cli import runs
+from crystal_cli import codec, runs
 from crystal_cli.errors import CrystalError
 from crystal_cli.evaluate.matching import MATCHER_SETTINGS
 from crystal_cli.evaluate.pipeline import EvaluateOptions, Evaluation, SampleResult
@@ -28,7 +28,6 @@ CSV_COLUMNS = (
     "relax_steps", "relax_converged", "relax_seconds", "stability_error", "stability_detail", "not_relaxed_reason",
     "relaxed_structure",
 )
-SPACEGROUP_SYMPREC = 0.1  # Å, the field's tolerance for generated crystals (as encode uses for conditions)
 
 
 # What each rate is out of, stated in report.json beside the rate (and in the CLI's table).
@@ -221,17 +220,12 @@ def write_json(report: dict, path: str | Path) -> Path:
 
 
 def _geometry(structure) -> dict:
-    """Space group (symprec 0.1; empty where spglib gives up), density, volume per atom, shortest distance."""
-    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
-
+    """Space group (codec.spacegroup_number; empty where spglib gives up), density, volume per atom, shortest
+    distance."""
     from crystal_cli.sampling.guard import shortest_distance
 
-    try:
-        spacegroup = SpacegroupAnalyzer(structure, symprec=SPACEGROUP_SYMPREC).get_space_group_number()
-    except Exception:  # spglib fails on some degenerate cells; the column is then left empty
-        spacegroup = None
     shortest = shortest_distance(structure)
-    return {"spacegroup": spacegroup, "density": round(float(structure.density), 4),
+    return {"spacegroup": codec.spacegroup_number(structure), "density": round(float(structure.density), 4),
             "volume_per_atom": round(structure.volume / len(structure), 4),
             "min_distance": None if shortest is None else round(shortest, 4)}
 
