@@ -175,11 +175,19 @@ def refine(structures: Sequence[Structure], model: str | Path | None = None, ste
     return out
 
 
-def refine_file(samples: str | Path, output: str | Path, model: str | Path | None = None, **options) -> dict:
-    """`crystal refine`: every structure of `samples` refined into `output` with a step log, resumable."""
-    from crystal_cli.flow.ode import refine_file as refine_to_file
+def refine_file(samples: str | Path, output: str | Path, model: str | Path | None = None, fmt: str | None = None,
+                **options) -> dict:
+    """`crystal refine`: every structure of `samples` refined into `output` with a step log, resumable.
+    `fmt` is cif, extxyz, jsonl or poscar (`output` a directory, one POSCAR per input id); None infers it from
+    the suffix of `output`. The output is checked before the flow model is loaded, so a wrong path or format
+    fails at once. Other keywords as crystal_cli.flow.ode.refine_file (steps, batch_size, resume, ...).
 
-    return refine_to_file(samples, output, _flow(model), **options)
+    >>> crystal.refine_file("samples.cif", "refined", fmt="poscar", steps=50)   # doctest: +SKIP
+    """
+    from crystal_cli.flow.ode import output_format, refine_file as refine_to_file
+
+    output_format(Path(output), fmt)
+    return refine_to_file(samples, output, _flow(model), fmt=fmt, **options)
 
 
 # ------------------------------------------------------------------------------------------ evaluation

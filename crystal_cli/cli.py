@@ -722,11 +722,15 @@ def flow_train(
 def refine(
     samples: Annotated[Path, typer.Argument(help="Structures to refine: CIF (multi-block), jsonl of samples, csv, extxyz.")],
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Refined structures: multi-block .cif, or .jsonl of structure dicts.")
+        Path, typer.Option("-o", "--output", help="Refined structures: multi-block .cif, .extxyz, .jsonl of structure "
+                           "dicts, or a directory with --format poscar.")
     ],
     model: Annotated[
         str, typer.Option(help="Flow run directory (runs/flow-NAME) or a shipped model name under models/.")
     ] = "flow-default",
+    fmt: Annotated[Optional[str], typer.Option(
+        "--format", help="cif, extxyz, jsonl, or poscar (-o names a directory: one POSCAR per input, named by its "
+                         "id); default: from -o.")] = None,
     steps: Annotated[int, typer.Option(help="Euler steps from t=0 to t=1.")] = 250,
     batch_size: Annotated[int, typer.Option(help="Structures integrated together.")] = 64,
     log: Annotated[Optional[Path], typer.Option(help="Per-structure step log (default OUTPUT.steps.jsonl).")] = None,
@@ -747,7 +751,7 @@ def refine(
         raise CrystalError(f"--batch-size must be >= 1, got {batch_size}")
     check_min_distance(min_distance)
     with progress_bar() as bar:
-        stats = refine_file(samples, output, model, steps=steps, batch_size=batch_size, log_path=log,
+        stats = refine_file(samples, output, model, fmt=fmt, steps=steps, batch_size=batch_size, log_path=log,
                             resume=resume, progress=_total_then_steps(bar, "refine"), min_distance=min_distance,
                             overwrite=overwrite)
     table = Table(title=f"crystal refine → {output}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -103,25 +104,52 @@ def format_for(path: Path, fmt: str | None = None) -> str:
     return SUFFIXES.get(suffix, "cif")
 
 
+class UniqueNames:
+    """The names one run gives its records: an id seen before becomes ID~2, ID~3 ... Uniqueness is decided on
+    the written form (safe_name), since that is what becomes a CIF block or a POSCAR file name: "a b" and "a_b"
+    (or a literal "a~2" after two "a") would otherwise land on one file and the second would replace the first."""
+
+    def __init__(self) -> None:
+        self._count: Counter = Counter()
+        self._used: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        self._count[name] += 1
+        candidate = name if self._count[name] == 1 else f"{name}~{self._count[name]}"
+        while safe_name(candidate) in self._used:
+            self._count[name] += 1
+            candidate = f"{name}~{self._count[name]}"
+        self._used.add(safe_name(candidate))
+        return candidate
+
+
+POSCAR_SUFFIX = ".vasp"  # what datasets.read_structures recognises as a POSCAR inside a directory
+
+
+def poscar_path(directory: str | Path, name: str) -> Path:
+    """The file a record named `name` (already unique within its run) gets in a POSCAR directory."""
+    return Path(directory) / f"{safe_name(name)}{POSCAR_SUFFIX}"
+
+
 class StructureAppender:
     """Appends complete structure records to one file (POSCAR: one file each into a directory), flushing
     after each, so partial runs stay valid. Names are made unique within the run (NAME~2, NAME~3 ...): no two
-    blocks or files of one run share a name."""
+    blocks or files of one run share a name. A resumed run passes the names it already appended as `taken`,
+    so its next repeat of an id continues the numbering instead of replacing an earlier record's file."""
 
-    def __init__(self, path: str | Path, fmt: str | None = None, mode: str = "a", symprec: float | None = None):
+    def __init__(self, path: str | Path, fmt: str | None = None, mode: str = "a", symprec: float | None = None,
+                 taken: Iterable[str] = ()):
         self.path = Path(path)
         self.fmt = format_for(self.path, fmt)
         self.symprec = symprec
-        self._seen: Counter = Counter()
+        self._unique = UniqueNames()
+        for name in taken:
+            self._unique(name)
         if self.fmt == "poscar":
             self.path.mkdir(parents=True, exist_ok=True)
             self._handle: IO[str] | None = None
         else:
             self._handle = self.path.open(mode)
-
-    def _unique(self, name: str) -> str:
-        self._seen[name] += 1
-        return name if self._seen[name] == 1 else f"{name}~{self._seen[name]}"
 
     def append(self, structure: Structure, name: str) -> bool:
         """Write one record; False (nothing written) when it is a CIF block pymatgen would not read back with
@@ -131,7 +159,7 @@ class StructureAppender:
         if self.fmt == "poscar":
             from crystal_cli.runs import write_text
 
-            write_text(self.path / f"{safe_name(name)}.vasp", poscar_text(structure, name))
+            write_text(poscar_path(self.path, name), poscar_text(structure, name))
             return True
         if self.fmt == "cif":
             text = cif_block(structure, name, self.symprec)
@@ -171,6 +199,37 @@ def write_structures(path: str | Path, named: Iterable[tuple[str, Structure]], f
         for name, structure in named:
             count += out.append(structure, name)
     return count
+
+
+_RECORD_START = {"cif": re.compile(r"^data_", re.MULTILINE), "jsonl": re.compile(r"^\{", re.MULTILINE)}
+
+
+def record_starts(text: str, fmt: str) -> list[int]:
+    """Character offsets at which the records of a cif, jsonl or extxyz file StructureAppender wrote begin:
+    how a resumed run cuts its output back to the records its log vouches for. An extxyz frame is its atom
+    count line, a comment line and that many atom lines (no marker a pattern could find), so it is counted."""
+    if fmt != "extxyz":
+        return [match.start() for match in _RECORD_START[fmt].finditer(text)]
+    lines = text.splitlines(keepends=True)
+    starts: list[int] = []
+    offset = line = 0
+    while line < len(lines) and lines[line].strip().isdigit():
+        starts.append(offset)
+        frame = lines[line:line + int(lines[line]) + 2]  # a frame torn by a kill still starts here
+        offset += sum(len(part) for part in frame)
+        line += len(frame)
+    return starts
+
+
+def remove_structures(path: str | Path, fmt: str) -> None:
+    """Remove what StructureAppender writes at `path` when a run starts over: the file, or the POSCAR files
+    of a directory (anything else a user keeps in that directory stays)."""
+    path = Path(path)
+    if fmt != "poscar":
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        for file in path.glob(f"*{POSCAR_SUFFIX}"):
+            file.unlink()
 
 
 def structure_fingerprint(structure: Structure) -> str:

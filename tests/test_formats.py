@@ -110,3 +110,89 @@ def test_plots_place_the_samples_on_a_phase_diagram(tmp_path):
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
     bad = runner.invoke(app, ["evaluate", str(samples), "--no-stability", "--chemsys", "Na-Qq"])
     assert bad.exit_code == 2 and "--chemsys" in bad.output
+
+
+# ------------------------------------------------------------------------------------------ crystal refine
+
+
+def _refine_inputs(tmp_path: Path) -> tuple[Path, dict[str, object]]:
+    """Three inputs as a jsonl of structure dicts, two of them with the same id (so the run must write nacl~2)."""
+    from crystal_cli.structure_io import structure_record
+
+    known = simple_structures()
+    named = [("nacl", known["NaCl"]), ("si", known["Si"]), ("nacl", known["CsCl"])]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(structure_record(structure, name) for name, structure in named))
+    return samples, {"nacl": known["NaCl"], "si": known["Si"], "nacl~2": known["CsCl"]}
+
+
+@pytest.mark.parametrize("fmt, output", [("poscar", "refined"), ("extxyz", "refined.extxyz")])
+def test_refined_structures_round_trip_through_evaluate(tmp_path, fmt, output):
+    samples, inputs = _refine_inputs(tmp_path)
+    out = tmp_path / output
+    refine = ["refine", str(samples), "-o", str(out), "--format", fmt, "--steps", "2"]  # models/flow-default
+    result = runner.invoke(app, refine)
+    assert result.exit_code == 0, result.output
+    if fmt == "poscar":
+        assert sorted(p.name for p in out.iterdir()) == ["nacl.vasp", "nacl~2.vasp", "si.vasp"]
+    entries = {e.id: e for e in read_structures(out)}
+    assert set(entries) == set(inputs)  # every input, named uniquely by its id
+    for name, before in inputs.items():
+        after = entries[name].structure
+        assert len(after) == len(before) and after.composition == before.composition
+    assert [r["status"] for r in read_jsonl(tmp_path / "refined.steps.jsonl")] == ["refined"] * 3
+    result = runner.invoke(app, ["evaluate", str(out), "--no-stability", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["counts"]["structures"] == 3
+    again = runner.invoke(app, refine)  # finished work: --resume or --overwrite, never a silent redo
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_refine_to_poscar_resumes_without_duplicates(tmp_path):
+    from crystal_cli.api import refine_file
+
+    samples, inputs = _refine_inputs(tmp_path)
+    refine_file(samples, tmp_path / "full", fmt="poscar", steps=2, batch_size=1)
+
+    def stop_after_two(total: int | None) -> None:
+        stop_after_two.calls += total is None
+        if stop_after_two.calls == 2:
+            raise KeyboardInterrupt
+
+    stop_after_two.calls = 0
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        refine_file(samples, part, fmt="poscar", steps=2, batch_size=1, progress=stop_after_two)
+    assert sorted(p.name for p in part.iterdir()) == ["nacl.vasp", "si.vasp"]
+    (part / "stale.vasp").write_text("written just before a kill, its input since changed")
+    result = runner.invoke(app, ["refine", str(samples), "-o", str(part), "--format", "poscar", "--steps", "2",
+                                 "--batch-size", "1", "--resume"])
+    assert result.exit_code == 0, result.output
+    log = read_jsonl(tmp_path / "part.steps.jsonl")
+    assert [r["index"] for r in log] == [0, 1, 2] and [r["id"] for r in log] == ["nacl", "si", "nacl"]
+    files = {p.name: p.read_text() for p in part.iterdir()}  # the third input is nacl~2, not a second nacl
+    assert files == {p.name: p.read_text() for p in (tmp_path / "full").iterdir()}
+    assert {e.id for e in read_structures(part)} == set(inputs)
+
+
+def test_refine_refuses_a_users_poscar_directory_and_a_bad_format(tmp_path):
+    samples, _ = _refine_inputs(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "POSCAR").write_text("my own structure\n")
+    result = runner.invoke(app, ["refine", str(samples), "-o", str(mine), "--format", "poscar", "--steps", "2"])
+    assert result.exit_code == 2 and "not written by crystal refine" in result.output
+    assert [p.name for p in mine.iterdir()] == ["POSCAR"] and (mine / "POSCAR").read_text() == "my own structure\n"
+    for fmt in ("vasp", "CIF"):
+        bad = runner.invoke(app, ["refine", str(samples), "-o", str(tmp_path / "new.cif"), "--format", fmt])
+        assert bad.exit_code == 2 and "--format" in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
+    assert not (tmp_path / "new.cif").exists() and not (tmp_path / "new.steps.jsonl").exists()
+
+
+def test_ids_that_write_to_one_file_name_still_get_two_files(tmp_path):
+    known = simple_structures()
+    named = [("a b", known["NaCl"]), ("a_b", known["CsCl"]), ("Hf", known["Si"]), ("Hf", known["NaCl"]),
+             ("Hf~2", known["CsCl"])]
+    assert write_structures(tmp_path / "poscars", named, fmt="poscar") == 5  # "a b" is written as a_b.vasp
+    assert sorted(p.name for p in (tmp_path / "poscars").iterdir()) == [
+        "Hf.vasp", "Hf~2.vasp", "Hf~2~2.vasp", "a_b.vasp", "a_b~2.vasp"]

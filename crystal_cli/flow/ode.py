@@ -5,17 +5,18 @@ lattice 6-vector moves in Euclidean space. Cells are integrated in batches; atom
 change. Inputs whose angles lie outside the flow's interval are first replaced by their Niggli cell (the
 same crystal, same site order), and the log says so.
 
-Output is a multi-block CIF (or, for a .jsonl output, pymatgen structure dicts, which keep the site order
-exactly: CIF readers re-sort sites by element) appended batch by batch, plus a jsonl with one row per input
-(refined or the reason it was skipped, with a fingerprint of the input structure) holding per-step
-displacement summaries, and NAME.manifest.json (crystal_cli.runs: samples, network, steps). --resume accepts
-only the same network and steps and continues after the rows logged; the samples file may have grown (say,
-generate topped up) as long as every logged row is still the same input at the same position.
+Output is written batch by batch in any format `crystal generate` writes (crystal_cli.structure_io): a
+multi-block CIF, an extxyz file, pymatgen structure dicts in jsonl (which keep the site order exactly: CIF
+readers re-sort sites by element), or a directory with one POSCAR per input id. Beside it: a jsonl with one
+row per input (refined or the reason it was skipped, with a fingerprint of the input structure) holding
+per-step displacement summaries, and NAME.manifest.json (crystal_cli.runs: samples, network, steps, format).
+--resume accepts only the same network, steps and format and continues after the rows logged; the samples
+file may have grown (say, generate topped up) as long as every logged row is still the same input at the
+same position. The log is the record of what is done: on resume the output is cut back to its refined rows.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,18 @@ from crystal_cli.flow.manifolds import (
 )
 from crystal_cli.flow.network import Cells, FlowNet
 from crystal_cli.sampling.guard import MIN_DISTANCE, shortest_distance
-from crystal_cli.structure_io import StructureAppender, append_jsonl, format_for, read_jsonl, structure_fingerprint
+from crystal_cli.structure_io import (
+    POSCAR_SUFFIX,
+    StructureAppender,
+    UniqueNames,
+    append_jsonl,
+    format_for,
+    poscar_path,
+    read_jsonl,
+    record_starts,
+    remove_structures,
+    structure_fingerprint,
+)
 
 RESUME_SAFE = ("batch_size", "samples")  # batching changes no result; logged rows are checked one by one
 
@@ -130,24 +142,19 @@ def refine_file(
     progress: Callable[[int | None], None] | None = None,
     min_distance: float = MIN_DISTANCE,
     overwrite: bool = False,
+    fmt: str | None = None,
 ) -> dict:
-    """Refine every structure in `samples` into `output` (multi-block .cif or .jsonl); one jsonl row per
-    input in `log_path` (default OUTPUT with suffix .steps.jsonl). `progress(total)` once, then `progress(None)` per
+    """Refine every structure in `samples` into `output` in format `fmt` (cif, extxyz, jsonl, or poscar: a
+    directory of POSCAR files; None: from the suffix, as structure_io.format_for); one jsonl row per input in
+    `log_path` (default OUTPUT with suffix .steps.jsonl). `progress(total)` once, then `progress(None)` per
     input handled. Returns counts (refined, skipped by reason, resumed, and too_close: refined structures with
     two atoms closer than min_distance Å, since the flow may move atoms together again). Logged work is
     continued with `resume` or replaced with `overwrite`; without either it is refused, as is writing over a
-    file crystal did not write."""
+    file (or POSCAR directory) crystal did not write."""
     output = Path(output)
-    try:
-        fmt = format_for(output)
-    except ValueError as exc:
-        raise CrystalError(str(exc)) from None
-    if output.is_dir():
-        raise CrystalError(f"{output}: is a directory; -o names the refined structure file (.cif or .jsonl)")
+    fmt = output_format(output, fmt)
     if steps < 1:
         raise CrystalError(f"--steps must be >= 1, got {steps}")
-    if fmt not in _RECORD_START:
-        raise CrystalError(f"{output}: refine writes .cif or .jsonl, not {fmt}")
     log_path = Path(log_path) if log_path else output.with_suffix(".steps.jsonl")
     entries = list(read_structures(samples))
     if resume and overwrite:
@@ -167,7 +174,8 @@ def refine_file(
                        adopt=lambda: _adopt(log_path, rows, steps))
     done = _resume_point(output, fmt, log_path, rows, entries, samples) if rows else 0
     if not rows:  # a new run (or --overwrite): nothing of an earlier one may remain
-        runs.discard(output, log_path)
+        remove_structures(output, fmt)
+        runs.discard(log_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     start.commit()
     counts: Counter = Counter()
@@ -180,7 +188,7 @@ def refine_file(
     # stays in input order without letting skipped rows shrink the batches
     pending: list[tuple[int, Entry, str | None]] = []
     too_close = 0  # refined structures with two atoms closer than min_distance
-    with StructureAppender(output, fmt) as out, log_path.open("a") as log:
+    with StructureAppender(output, fmt, taken=_appended(rows)) as out, log_path.open("a") as log:
 
         def flush() -> None:
             nonlocal too_close
@@ -235,7 +243,25 @@ def refine_file(
     }
 
 
-_RECORD_START = {"cif": re.compile(r"^data_", re.MULTILINE), "jsonl": re.compile(r"^\{", re.MULTILINE)}
+def output_format(output: Path, fmt: str | None) -> str:
+    """The format refine writes `output` in, checked before any work: poscar needs a directory (or a new
+    path), every other format a file."""
+    try:
+        fmt = format_for(output, fmt)
+    except ValueError as exc:
+        raise CrystalError(f"--format: {exc}" if fmt else str(exc)) from None
+    if fmt == "poscar":
+        runs.dir_output(output, "-o with --format poscar")
+    elif output.is_dir():
+        raise CrystalError(f"{output}: is a directory; -o names the refined structure file (.cif, .extxyz or .jsonl), "
+                           "or pass --format poscar to write one POSCAR per input into it")
+    return fmt
+
+
+def _appended(rows: list[dict]) -> list[str]:
+    """The ids the logged rows handed to the structure writer, in order (a CIF block it refused included:
+    its name was taken all the same), from which a resumed writer continues the ID~2 numbering."""
+    return [row.get("id") for row in rows if row.get("status") == "refined"]
 
 
 def _adopt(log_path: Path, rows: list[dict], steps: int) -> dict:
@@ -251,7 +277,8 @@ def _resume_point(output: Path, fmt: str, log_path: Path, rows: list[dict], entr
                   samples: str | Path) -> int:
     """Inputs already handled, after checking that every logged row is still the same input (id and
     structure) at the same position. The output is cut back to the refined rows of the log: a structure is
-    written before its log row, so one written just before a kill is dropped and redone."""
+    written before its log row, so one written just before a kill is dropped and redone (a POSCAR directory:
+    .vasp files no logged row names)."""
     for position, row in enumerate(rows):
         entry = entries[position] if position < len(entries) else None
         key = row.get("input_sha256")  # absent from pre-manifest logs: those rows are checked by id only
@@ -260,12 +287,28 @@ def _resume_point(output: Path, fmt: str, log_path: Path, rows: list[dict], entr
             raise CrystalError(f"{log_path}: row {position} (id {row.get('id')}) is not input {position} of {samples} "
                                "any more; rerun without --resume")
     refined = sum(1 for r in rows if r.get("status") == "refined" and r.get("in_output", True))
-    if output.exists():
+    if fmt == "poscar":
+        _cut_poscars(output, log_path, rows)
+    elif output.exists():
         text = output.read_text()
-        starts = [m.start() for m in _RECORD_START[fmt].finditer(text)]
+        starts = record_starts(text, fmt)
         if len(starts) > refined:
             runs.write_text(output, text[: starts[refined]])
         elif len(starts) < refined:
             raise CrystalError(f"{output}: holds {len(starts)} structures but {log_path} logs {refined}; rerun without --resume")
     runs.write_jsonl(log_path, rows)
     return len(rows)
+
+
+def _cut_poscars(output: Path, log_path: Path, rows: list[dict]) -> None:
+    """A POSCAR directory cut back to the log: every refined row's file must be there; a .vasp file no row
+    names was written just before a kill (its input is redone) and is removed."""
+    names = UniqueNames()
+    logged = {poscar_path(output, names(name)).name for name in _appended(rows)}
+    present = {file.name for file in output.glob(f"*{POSCAR_SUFFIX}")} if output.is_dir() else set()
+    missing = sorted(logged - present)
+    if missing:
+        raise CrystalError(f"{output}: lacks {len(missing)} of the {len(logged)} POSCAR files {log_path} logs (first "
+                           f"{missing[0]}); rerun without --resume")
+    for name in present - logged:
+        (output / name).unlink()
