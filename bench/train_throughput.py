@@ -5,7 +5,7 @@ real mp20-open training records (all six tasks, or pymatgen-built cells without 
 warm-up steps, then times N optimizer steps of the loss `crystal finetune` computes:
 
 * plain:        model(input_ids, attention_mask, labels=labels).loss, the textbook transformers loop
-* today:        crystal_cli.finetune.completion_nll (lm_head on completion positions only), fp32
+* today:        crystal_cli.finetune.model.completion_nll (lm_head on completion positions only), fp32
 * + crystal vocab: the softmax over the grammar's crystal tokens only (train.loss_vocab = "crystal")
 * + bf16:       bf16 autocast, only where the CPU multiplies bf16 natively (avx512_bf16 / AMX)
 * + bf16 weights: the frozen base held in bf16 (no cast of every weight at every step; LoRA stays fp32)
@@ -83,7 +83,7 @@ def model_flops(net, method: str, head_rows: int, completion_share: float) -> fl
 def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
     import torch
 
-    from crystal_cli.finetune import cpu_has_bf16
+    from crystal_cli.runtime import cpu_has_bf16
 
     settings = ROWS[row]
     if settings["precision"] == "bf16" and not cpu_has_bf16():  # emulated bf16 is slower than fp32: run fp32
@@ -93,7 +93,9 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from crystal_cli.bases import resolve_base
-    from crystal_cli.finetune import ALL_LINEAR, LossVocab, collate, completion_nll, crystal_vocab, make_examples
+    from crystal_cli.finetune.config import ALL_LINEAR
+    from crystal_cli.finetune.data import collate, make_examples
+    from crystal_cli.finetune.model import LossVocab, completion_nll, crystal_vocab
     from crystal_cli.models import load_base
 
     torch.manual_seed(0)
@@ -157,7 +159,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from crystal_cli.finetune import cpu_has_bf16
+    from crystal_cli.runtime import cpu_has_bf16
 
     rows = [r.strip() for r in args.rows.split(",")]
     unknown = [r for r in rows if r not in ROWS]

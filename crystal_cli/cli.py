@@ -210,7 +210,8 @@ def finetune(
     """Fine-tune a base LLM on crystal text records, LoRA or every weight (recipe values, overridden by flags)."""
     from rich.progress import TextColumn
 
-    from crystal_cli.finetune import finetune as run_finetune, parse_override, resolve_config
+    from crystal_cli.finetune import finetune as run_finetune, resolve_config
+    from crystal_cli.recipes import parse_overrides
 
     flags = {
         "base": base, "data.records": str(data) if data is not None else None, "train.max_steps": steps,
@@ -221,7 +222,7 @@ def finetune(
     }
     if steps is not None and epochs is None:
         flags["train.epochs"] = 0.0  # --steps means steps even when the recipe counts epochs
-    overrides = dict(parse_override(item) for item in set_ or []) | {k: v for k, v in flags.items() if v is not None}
+    overrides = parse_overrides(set_) | {k: v for k, v in flags.items() if v is not None}
     config = resolve_config(output, recipe, overrides, resume=resume)
     columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[val]}"),
                TextColumn("{task.fields[speed]} tok/s"))
@@ -684,23 +685,24 @@ def flow_train(
     batch_size: Annotated[Optional[int], typer.Option(help="Pairs per step (overrides the recipe).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (overrides the recipe).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed (overrides the recipe).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any recipe key: section.key=VALUE (repeat), "
+                                                      "e.g. model.hidden_dim=512.")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue RUN from its checkpoint (its saved config; a recipe or flags must agree).")
     ] = False,
 ) -> None:
     """Train the flow-matching refiner on (c0, c1) pairs."""
-    from crystal_cli.files import read_toml
+    from crystal_cli import recipes
     from crystal_cli.flow.train import RunConfig, resumed_config, train
 
-    data = read_toml(recipe) if recipe is not None else {}
-    overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
-    data.setdefault("train", {}).update({k: v for k, v in overrides.items() if v is not None})
-    if pairs is not None:
-        data["pairs"] = str(pairs)
-    if not resume and "pairs" not in data:
+    flags = {"pairs": str(pairs) if pairs is not None else None, "train.steps": steps,
+             "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed}
+    settings = ((recipes.load(recipe, RunConfig) if recipe is not None else {}) | recipes.parse_overrides(set_)
+                | {k: v for k, v in flags.items() if v is not None})
+    if not resume and "pairs" not in settings:
         raise CrystalError("give --pairs DIR (or a --recipe that names pairs)")
     where = str(recipe or "options")
-    config = RunConfig.from_dict(data, where) if not resume else resumed_config(output, data, where)
+    config = recipes.build(RunConfig, settings, where) if not resume else resumed_config(output, settings, where)
     with progress_bar(TextColumn("{task.fields[loss]}")) as bar:
         task = bar.add_task("train", total=None, loss="")
 

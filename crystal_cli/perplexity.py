@@ -20,7 +20,8 @@ import torch
 
 from crystal_cli import codec
 from crystal_cli.errors import CrystalError
-from crystal_cli.finetune import NON_CRYSTAL_TASKS, Example, collate, completion_nll, tokenize_completion
+from crystal_cli.finetune.data import NON_CRYSTAL_TASKS, Example, collate, tokenize_completion
+from crystal_cli.finetune.model import completion_nll
 from crystal_cli.models import load_trained
 
 
@@ -85,7 +86,7 @@ def load_items(source: str | Path, split: str = "val", limit: int | None = None)
         raise CrystalError(f"{source}: records directory has no {split}.jsonl (choose --split)")
     items: list[Item] = []
     if records_file.is_file() and records_file.suffix == ".jsonl" and _is_records_file(records_file):
-        from crystal_cli.finetune import read_records
+        from crystal_cli.finetune.data import read_records
 
         for record in read_records(records_file):
             if limit is not None and len(items) >= limit:

@@ -11,6 +11,7 @@ import ctypes
 import os
 import time
 import warnings
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -83,3 +84,13 @@ def matmul_gflops(dtype: str = "fp32", size: int = 1024, seconds: float = 3.0) -
         torch.mm(a, b)
         count += 1
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX)? Elsewhere bf16 is emulated and slower than
+    fp32, so training's precision "auto" keeps fp32 there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

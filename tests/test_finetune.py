@@ -17,10 +17,10 @@ from crystal_cli import codec
 from crystal_cli.cli import app
 from crystal_cli.encode import EncodeOptions, encode
 from crystal_cli.errors import CrystalError
-from crystal_cli.finetune import (
-    Example, collate, completion_nll, epoch_batches, finetune, load_recipe, make_examples, parse_override,
-    read_records, resolve_config, translated,
-)
+from crystal_cli.finetune import finetune, load_recipe, resolve_config
+from crystal_cli.finetune.data import Example, collate, epoch_batches, make_examples, read_records, translated
+from crystal_cli.finetune.model import completion_nll
+from crystal_cli.recipes import parse_override
 from crystal_cli.models import load_run, load_trained
 from tests.conftest import REPO, shared, simple_structures, write_cdvae_csv
 
@@ -216,7 +216,7 @@ def test_whole_model_run_on_a_cut_base_with_crystal_vocab_and_a_time_budget(reco
     vocabulary, stopped by max_minutes: RUN/model is a whole 2-layer model that llama.cpp decodes exactly as
     transformers does, and the restricted loss is the full-vocabulary loss renormalised over its tokens."""
     from crystal_cli.export import export
-    from crystal_cli.finetune import LossVocab, crystal_vocab
+    from crystal_cli.finetune.model import LossVocab, crystal_vocab
 
     run = tmp_path / "whole"
     config = config_for(records, run, **{"base": "tiny:2", "train.method": "full", "train.loss_vocab": "crystal",

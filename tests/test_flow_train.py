@@ -170,9 +170,14 @@ def test_cli_pairs_train_refine(tmp_path):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(f'pairs = "{tmp_path / "pairs"}"\n[model]\nhidden_dim = 16\nnum_layers = 1\nnum_freqs = 2\n'
                       "[train]\nsteps = 3\nbatch_size = 4\nwarmup_steps = 1\n")
-    result = runner.invoke(app, ["flow", "train", "--recipe", str(recipe), "-o", str(tmp_path / "run"), "--steps", "4"])
+    result = runner.invoke(app, ["flow", "train", "--recipe", str(recipe), "-o", str(tmp_path / "bad"),
+                                 "--set", "train.stepz=4"])
+    assert result.exit_code == 2 and "unknown key 'train.stepz'" in result.output
+    result = runner.invoke(app, ["flow", "train", "--recipe", str(recipe), "-o", str(tmp_path / "run"), "--steps", "4",
+                                 "--set", "train.warmup_steps=2", "--set", "model.hidden_dim=8"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 4
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["steps"] == 4 and saved["train"]["warmup_steps"] == 2 and saved["model"]["hidden_dim"] == 8
     result = runner.invoke(app, ["flow", "train", "--recipe", str(recipe), "-o", str(tmp_path / "run")])
     assert result.exit_code == 2 and "--resume" in result.output
 

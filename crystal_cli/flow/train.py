@@ -19,12 +19,12 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from crystal_cli import runs
+from crystal_cli import recipes, runs
 from crystal_cli.errors import CrystalError
 from crystal_cli.flow.manifolds import remove_mean, torus_geodesic, torus_log
 from crystal_cli.flow.network import Cells, FlowNet, FlowNetConfig
@@ -82,27 +82,12 @@ class RunConfig:
 
     def flat(self) -> dict:
         """Every setting but the pairs path as "section.key" (what a manifest compares)."""
-        return {f"{section}.{key}": value for section in ("model", "train")
-                for key, value in self.to_dict()[section].items()}
+        return {key: value for key, value in recipes.as_flat(self).items() if key != "pairs"}
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> RunConfig:
-        try:
-            return cls(
-                pairs=str(data["pairs"]),
-                model=FlowNetConfig(**_known(FlowNetConfig, data.get("model", {}), where + " [model]")),
-                train=TrainConfig(**_known(TrainConfig, data.get("train", {}), where + " [train]")),
-            )
-        except KeyError as exc:
-            raise CrystalError(f"{where}: missing {exc}") from None
-
-
-def _known(kind: type, values: dict, where: str) -> dict:
-    names = {f.name for f in fields(kind)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise CrystalError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return values
+        """A recipe's or config.json's tables (pairs, model, train), every key and type checked."""
+        return recipes.build(cls, recipes.flatten(cls, data), where)
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -149,14 +134,6 @@ def data_statistics(model: FlowNet, pairs: Sequence[Pair]) -> None:
     batch = collate(pairs)
     u_frac = remove_mean(torus_log(batch.f0, batch.f1), batch.cells.graph, batch.cells.num_graphs)
     model.set_statistics(torch.cat([batch.l0, batch.l1]), batch.l1 - batch.l0, u_frac)
-
-
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 @torch.no_grad()
@@ -215,7 +192,7 @@ def train(
     data_statistics(model, train_pairs)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, tc))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: recipes.lr_factor(step, tc.warmup_steps, tc.steps))
     generator = torch.Generator().manual_seed(tc.seed)
     step = 0
 
@@ -319,13 +296,10 @@ def saved_config(run_dir: str | Path) -> RunConfig:
     return RunConfig.from_dict(json.loads(path.read_text()), str(path))
 
 
-def resumed_config(run_dir: str | Path, data: dict, where: str) -> RunConfig:
-    """The saved configuration with a recipe's and the flags' values laid over it (a resume names only what it
-    means to keep or change; train() then refuses any change that is not safe)."""
-    saved = saved_config(run_dir).to_dict()
-    merged = {"pairs": data.get("pairs", saved["pairs"]),
-              **{section: {**saved[section], **data.get(section, {})} for section in ("model", "train")}}
-    return RunConfig.from_dict(merged, where)
+def resumed_config(run_dir: str | Path, settings: dict[str, object], where: str) -> RunConfig:
+    """The saved configuration with a recipe's and the flags' dotted settings laid over it (a resume names
+    only what it means to keep or change; train() then refuses any change that is not safe)."""
+    return recipes.build(RunConfig, settings, where, start=saved_config(run_dir))
 
 
 def _adopt(run_dir: Path, saved: RunConfig, given: RunConfig) -> dict:

@@ -1,0 +1,159 @@
+"""`crystal finetune`'s configuration: the recipe's tables (lora, data, train), how a recipe and `--set`
+overrides resolve into one RunConfig, and which keys a `--resume` may change.
+
+A run's RUN/config.json is `asdict(RunConfig)` plus "base_spec" (what was asked) and "base" (the resolved
+HF directory). Keys added since a run was written take their defaults, which are the old behaviour (e.g.
+train.loss_vocab = "full"), so every run directory made so far still resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from crystal_cli import recipes
+from crystal_cli.errors import CrystalError
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+
+
+@dataclass
+class DataSection:
+    records: str = ""  # directory with train.jsonl (and val.jsonl) from `crystal encode`
+    tasks: list[str] = field(default_factory=list)  # keep only these tasks; empty = all
+    max_length: int = 512  # longer examples are skipped and counted, never truncated
+    translate: float = 0.0  # probability of a random translation each time a crystal is drawn
+    max_train_records: int = 0  # 0 = all
+    val_records: int = 256  # val examples scored at each evaluation; 0 = no evaluation
+
+
+@dataclass
+class TrainSection:
+    seed: int = 0
+    max_steps: int = 1000  # optimizer steps; replaced by the epochs' count when epochs > 0
+    epochs: float = 0.0
+    max_minutes: float = 0.0  # > 0: stop (evaluate, checkpoint, save weights) after this much training time
+    batch_size: int = 8  # examples per micro-batch (per process)
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    max_grad_norm: float = 1.0
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
+    threads: int = 0  # CPU threads for torch; 0 = torch's default (use 1 on a busy shared host)
+    method: str = "lora"  # lora: train a LoRA adapter on the frozen base | full: train every weight
+    # Softmax of the loss over: "full" vocabulary (runs made before this key existed) or "crystal": the
+    # tokens the sampling grammar can ever emit plus every completion token of the data (model.crystal_vocab).
+    loss_vocab: str = "full"
+
+
+@dataclass
+class RunConfig:
+    base: str = "smollm2-135m"  # a base name, a .gguf file or an HF directory (see bases.resolve_base)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.threads", "train.eval_every",
+                      "train.checkpoint_every", "train.log_every", "train.keep_checkpoints"}
+CHOICES = {"train.precision": ("auto", "fp32", "bf16"), "train.method": ("lora", "full"),
+           "train.loss_vocab": ("full", "crystal")}
+CONFIG_FILE = "config.json"
+
+
+def load_recipe(path: str | Path) -> dict[str, object]:
+    """A training recipe (TOML) as dotted keys, every key and type checked now: the recipe is wrong on its
+    own, whatever overrides follow."""
+    flat = recipes.load(path, RunConfig)
+    _build(flat, str(path))
+    return flat
+
+
+def _build(settings: dict[str, object], where: str, start: RunConfig | None = None) -> RunConfig:
+    config = recipes.build(RunConfig, settings, where, start=start, choices=CHOICES)
+    _check_ranges(config, where)
+    return config
+
+
+def _check_ranges(config: RunConfig, where: str) -> None:
+    t, d, lora = config.train, config.data, config.lora
+    positive = {"lora.r": lora.r, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+                "data.max_length": d.max_length, "train.eval_every": t.eval_every,
+                "train.checkpoint_every": t.checkpoint_every, "train.log_every": t.log_every,
+                "train.keep_checkpoints": t.keep_checkpoints}
+    for key, value in positive.items():
+        if value < 1:
+            raise CrystalError(f"{where}: {key} must be >= 1, got {value}")
+    if t.max_steps < 1 and t.epochs <= 0:
+        raise CrystalError(f"{where}: give train.max_steps >= 1 or train.epochs > 0")
+    if not 0.0 <= d.translate <= 1.0 or not 0.0 <= lora.dropout < 1.0:
+        raise CrystalError(f"{where}: data.translate must be in [0, 1] and lora.dropout in [0, 1)")
+    if t.learning_rate <= 0 or not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise CrystalError(f"{where}: train.learning_rate must be > 0 and train.min_lr_ratio in [0, 1]")
+    if not lora.target_modules:
+        raise CrystalError(f"{where}: lora.target_modules is empty")
+
+
+def saved_config(run_dir: Path) -> RunConfig:
+    """The configuration RUN/config.json was written with, its base as it was asked for (base_spec)."""
+    raw = json.loads((run_dir / CONFIG_FILE).read_text())
+    return RunConfig(base=raw["base_spec"], lora=LoraSection(**raw["lora"]), data=DataSection(**raw["data"]),
+                     train=TrainSection(**raw["train"]))
+
+
+def resolve_config(
+    run_dir: str | Path,
+    recipe: str | Path | None = None,
+    overrides: dict[str, object] | None = None,
+    resume: bool = False,
+) -> RunConfig:
+    """Recipe, then CLI overrides (dotted keys); with resume, the run's saved config plus a few safe overrides."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    run_dir = Path(run_dir)
+    if not resume:
+        if (run_dir / CONFIG_FILE).exists():
+            raise CrystalError(f"{run_dir} already holds a run: pass --resume to continue it or choose another -o")
+        settings = load_recipe(recipe) if recipe is not None else {}
+        return _build(settings | overrides, "overrides" if recipe is None else str(recipe))
+    saved = run_dir / CONFIG_FILE
+    if not saved.is_file():
+        raise CrystalError(f"{run_dir}: nothing to resume (no config.json); start it without --resume")
+    config = saved_config(run_dir)
+    current = recipes.as_flat(config)
+    settings = (load_recipe(recipe) if recipe is not None else {}) | overrides
+    changed = {k: v for k, v in settings.items() if not _same(k, current.get(k), v)}
+    frozen = sorted(set(changed) - RESUME_OVERRIDABLE)
+    if frozen:
+        raise CrystalError(f"--resume continues {saved} as saved and cannot change {', '.join(frozen)} "
+                           f"(only {', '.join(sorted(RESUME_OVERRIDABLE))})")
+    return _build(changed, "overrides", start=config)
+
+
+def _same(key: str, saved: object, given: object) -> bool:
+    if key == "data.records" and isinstance(given, str):
+        return Path(given).expanduser().resolve() == Path(str(saved)).expanduser().resolve()
+    return saved == given
+
+
+def saved_form(config: RunConfig, base_dir: Path, max_steps: int) -> dict:
+    """What RUN/config.json holds: the config with records and base resolved and the step count it runs to."""
+    saved = asdict(config)
+    saved["data"]["records"] = str(Path(config.data.records).expanduser().resolve())
+    saved["train"]["max_steps"] = max_steps
+    return {"base_spec": config.base} | saved | {"base": str(base_dir.resolve())}

@@ -1,0 +1,124 @@
+"""Training data of `crystal finetune`: records read from a `crystal encode` directory, tokenized into
+examples, batched by length (a pure function of seed and epoch, so a resumed run replays the same batches)
+and randomly translated each time a crystal is drawn."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crystal_cli import codec
+from crystal_cli.errors import CrystalError
+
+NON_CRYSTAL_TASKS = frozenset({"infill"})  # tasks whose completion is not a crystal (no translation)
+IGNORE = -100  # label of prompt and padding positions: no loss there
+BUCKET_BATCHES = 64  # length-bucketing window, in batches: sorts within it, shuffles batch order across it
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    completion: str
+    completion_ids: list[int]  # completion tokens followed by EOS
+    crystal: bool  # completion is a crystal: eligible for random translation
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def read_records(path: Path, tasks: list[str] | None = None) -> list[dict]:
+    """Records of one jsonl split; a line that is not a record with prompt and completion is an error."""
+    records = []
+    with path.open() as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CrystalError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise CrystalError(f"{path}:{lineno}: record has no prompt")
+            if not isinstance(record.get("completion"), str) or not record["completion"].strip():
+                raise CrystalError(f"{path}:{lineno}: record has no completion")
+            if not tasks or record.get("task") in tasks:
+                records.append(record)
+    return records
+
+
+def load_splits(records_dir: str | Path, tasks: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, val) records of a `crystal encode` output directory; val is empty without val.jsonl."""
+    records_dir = Path(records_dir)
+    if not str(records_dir) or not records_dir.is_dir():
+        raise CrystalError(f"records directory {str(records_dir) or '(none given)'!r} does not exist (make one with crystal encode)")
+    train_file = records_dir / "train.jsonl"
+    if not train_file.is_file():
+        raise CrystalError(f"{records_dir}: no train.jsonl (make one with crystal encode)")
+    train = read_records(train_file, tasks)
+    if not train:
+        raise CrystalError(f"{train_file}: no records" + (f" for tasks {', '.join(tasks)}" if tasks else ""))
+    val_file = records_dir / "val.jsonl"
+    return train, read_records(val_file, tasks) if val_file.is_file() else []
+
+
+def tokenize_completion(tokenizer, completion: str) -> list[int]:
+    return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def make_examples(tokenizer, records: list[dict], max_length: int) -> tuple[list[Example], int]:
+    """Tokenized examples (prompt as the model sees it at generation, completion + EOS) and the too-long count."""
+    if not records:
+        return [], 0
+    prompts = tokenizer([r["prompt"] for r in records])["input_ids"]
+    completions = tokenizer([r["completion"] for r in records], add_special_tokens=False)["input_ids"]
+    examples, too_long = [], 0
+    for record, prompt_ids, completion_ids in zip(records, prompts, completions):
+        example = Example(prompt_ids, record["completion"], completion_ids + [tokenizer.eos_token_id],
+                          record.get("task") not in NON_CRYSTAL_TASKS)
+        if example.length > max_length:
+            too_long += 1
+        else:
+            examples.append(example)
+    return examples, too_long
+
+
+def translated(example: Example, tokenizer, rng: np.random.Generator) -> Example:
+    """The same example with its crystal shifted by a random fractional translation (unparseable: unchanged)."""
+    parsed = codec.parse_crystal(example.completion)
+    if not parsed.ok:
+        return example
+    text = codec.encode_structure(codec.translate(parsed.structure, rng))
+    return dataclasses.replace(example, completion=text, completion_ids=tokenize_completion(tokenizer, text))
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Length-bucketed batches of example indices, a pure function of (seed, epoch): shuffle, sort within
+    windows of BUCKET_BATCHES batches (little padding), then shuffle the batch order."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        group = sorted(order[start:start + window].tolist(), key=lambda i: lengths[i])
+        batches.extend(group[j:j + batch_size] for j in range(0, len(group), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict:
+    """Right-padded input_ids / attention_mask / labels (prompt and padding ignored by the loss)."""
+    width = max(e.length for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids = e.prompt_ids + e.completion_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, len(e.prompt_ids): len(ids)] = torch.tensor(e.completion_ids)
+        attention[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

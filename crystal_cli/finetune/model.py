@@ -1,0 +1,109 @@
+"""The model side of `crystal finetune`: what is trained (a LoRA adapter or every weight), on which device
+and precision, and the completion loss (optionally over the grammar's crystal vocabulary only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from crystal_cli.errors import CrystalError
+from crystal_cli.finetune.config import RunConfig, TrainSection
+from crystal_cli.finetune.data import IGNORE, Example
+from crystal_cli.runtime import cpu_has_bf16
+
+
+def device_and_dtype(train: TrainSection, local_rank: int) -> tuple[torch.device, torch.dtype, torch.dtype | None]:
+    """(device, dtype the base is loaded in, autocast dtype or None) for a run's device and precision."""
+    if train.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(train.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CrystalError(f"device {train.device!r} requested but CUDA is not available")
+    bf16 = train.precision == "bf16" or (train.precision == "auto" and (device.type == "cuda" or cpu_has_bf16()))
+    # CUDA bf16 holds the frozen base in bf16 (LoRA weights stay fp32); CPU bf16 is autocast over fp32.
+    weights = torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
+    return device, weights, (torch.bfloat16 if bf16 else None)
+
+
+def trainable(config: RunConfig, base, weights_dtype: torch.dtype):
+    """(model to save, network to train): the base itself (train.method = full, weights in fp32: bf16 comes
+    from autocast) or the base wrapped with LoRA layers (injected in place, so the base network trains them)."""
+    if config.train.method == "full":
+        return (base.float() if weights_dtype != torch.float32 else base), base
+    from peft import LoraConfig, get_peft_model
+
+    missing = [m for m in config.lora.target_modules if not any(n.endswith(f".{m}") for n, _ in base.named_modules())]
+    if missing:
+        raise CrystalError(f"lora.target_modules {missing} do not exist in base {config.base!r}")
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora)
+    return model, model.get_base_model()
+
+
+@dataclass(frozen=True)
+class LossVocab:
+    """The token ids a loss normalises over, and the map from a token id to its row (-1: not in it)."""
+
+    ids: torch.Tensor
+    row: torch.Tensor
+
+    @classmethod
+    def of(cls, ids: set[int], vocab_size: int, device) -> LossVocab:
+        ordered = torch.tensor(sorted(ids), dtype=torch.long)
+        row = torch.full((vocab_size,), -1, dtype=torch.long)
+        row[ordered] = torch.arange(len(ordered))
+        return cls(ordered.to(device), row.to(device))
+
+
+def crystal_vocab(tokenizer, examples: list[Example]) -> set[int]:
+    """Token ids the sampling grammar can ever emit (grammar.crystal_shortlist, end of text included) and
+    every completion token of `examples`, so the restricted loss is defined on every training target.
+
+    Sampling with the grammar draws only from that shortlist, renormalised, so a softmax over it is the
+    distribution the model is used with; and the lm_head shrinks from 49,152 rows to a few hundred.
+    """
+    from crystal_cli.grammar import crystal_shortlist
+
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ids = set(crystal_shortlist(pieces, [tokenizer.eos_token_id]).tolist())
+    for example in examples:
+        ids.update(example.completion_ids)
+    return ids
+
+
+def completion_nll(model, batch: dict, vocab: LossVocab | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood of the labelled (completion) tokens and each token's batch row.
+
+    The lm_head runs only on labelled positions: with a 49k vocabulary the full logits tensor is the
+    largest activation of a small model, and prompt/padding positions would be thrown away anyway. With
+    `vocab`, only its rows of the lm_head are computed and the softmax is over them alone; every target
+    must be in it (crystal_vocab makes sure).
+    """
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    picked, wanted = hidden[:, :-1][mask], targets[mask]
+    head = model.get_output_embeddings()
+    if vocab is None:
+        logits = head(picked).float()
+    else:
+        logits = F.linear(picked, head.weight[vocab.ids]).float()
+        wanted = vocab.row[wanted]
+    rows = mask.nonzero()[:, 0]
+    return F.cross_entropy(logits, wanted, reduction="none"), rows
+
+
+class CompletionNLL(torch.nn.Module):
+    """completion_nll as a module, so DistributedDataParallel's forward hooks see every training call."""
+
+    def __init__(self, model, vocab: LossVocab | None):
+        super().__init__()
+        self.model = model
+        self.vocab = vocab
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return completion_nll(self.model, batch, self.vocab)
