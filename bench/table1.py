@@ -138,11 +138,12 @@ def main() -> None:
     timings = Timings(args.out / "timings.json")
     flow = None
     if args.flow != "none":
-        from crystal_cli.flow.ode import refine_file, resolve_model
+        from crystal_cli.flow.ode import refine_file
         from crystal_cli.flow.train import load_model
+        from crystal_cli.models import FLOW, resolve_model
 
         try:
-            flow = load_model(resolve_model(args.flow))
+            flow = load_model(resolve_model(args.flow, FLOW))
         except CrystalError as error:
             print(f"table1: no flow refinement ({error})", flush=True)
 

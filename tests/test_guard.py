@@ -354,20 +354,21 @@ def test_bad_min_distance_is_one_line_exit_2(steered_gguf, tmp_path):
 def test_refine_reports_samples_the_flow_left_too_close(tmp_path, structures):
     from pymatgen.core import Lattice, Structure
 
-    from crystal_cli.flow.ode import refine_file, resolve_model
+    from crystal_cli.flow.ode import refine_file
     from crystal_cli.flow.train import load_model
+    from crystal_cli.models import FLOW, resolve_model
     from crystal_cli.structure_io import write_structures
 
     stacked = Structure(Lattice.cubic(4.0), ["Na", "Cl", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.52]])
     source = tmp_path / "in.cif"
     write_structures(source, [("nacl", structures["NaCl"]), ("stacked", stacked), ("si", structures["Si"])], "cif")
-    stats = refine_file(source, tmp_path / "out.jsonl", load_model(resolve_model("flow-default")), steps=4)
+    stats = refine_file(source, tmp_path / "out.jsonl", load_model(resolve_model("flow-default", FLOW)), steps=4)
     rows = [r for r in read_jsonl(tmp_path / "out.steps.jsonl") if r["status"] == "refined"]
     refined = _refined_structures(tmp_path / "out.jsonl")
     expected = sum(shortest_distance(s) < 0.5 for s in refined)
     assert stats["refined"] == 3 and stats["too_close"] == expected and stats["min_distance"] == 0.5
     assert [r["shortest_distance"] for r in rows] == pytest.approx([shortest_distance(s) for s in refined], abs=1e-4)
-    assert refine_file(source, tmp_path / "far.jsonl", load_model(resolve_model("flow-default")), steps=4,
+    assert refine_file(source, tmp_path / "far.jsonl", load_model(resolve_model("flow-default", FLOW)), steps=4,
                        min_distance=100.0)["too_close"] == 3
 
 
