@@ -22,7 +22,7 @@ from pymatgen.core import Structure
 
 from crystal_cli import codec, runs
 from crystal_cli.datasets import Entry, count_entries, discover, read_entries, read_file
-from crystal_cli.errors import CrystalError
+from crystal_cli.errors import CrystalError, check_counts
 from crystal_cli.files import read_toml
 
 TASKS = ("unconditional", "formula", "spacegroup", "stability", "conditional", "infill")
@@ -46,12 +46,9 @@ class EncodeOptions:
             raise CrystalError(f"unknown task(s) {unknown or '(none given)'}; choose from {', '.join(TASKS)}")
         if self.augment < 0:
             raise CrystalError(f"--augment must be >= 0, got {self.augment}")
-        if self.max_atoms is not None and self.max_atoms < 1:
-            raise CrystalError(f"--max-atoms must be >= 1, got {self.max_atoms}")
+        check_counts({"--max-atoms": self.max_atoms, "--max-rows": self.max_rows})
         if not 0.0 <= self.val_fraction < 1.0:
             raise CrystalError(f"--val-fraction (val_fraction) must be in [0, 1), got {self.val_fraction}")
-        if self.max_rows is not None and self.max_rows < 1:
-            raise CrystalError(f"--max-rows must be >= 1, got {self.max_rows}")
 
 
 @dataclass

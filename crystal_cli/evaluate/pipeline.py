@@ -19,7 +19,7 @@ import numpy as np
 
 from crystal_cli import runs
 from crystal_cli.datasets import Entry, discover, read_structures
-from crystal_cli.errors import CrystalError
+from crystal_cli.errors import CrystalError, check_counts
 from crystal_cli.evaluate import coverage as coverage_metrics
 from crystal_cli.evaluate import matching, validity
 from crystal_cli.evaluate.potential import CHGNET, RelaxSettings, check_spec
@@ -149,10 +149,8 @@ def stability_run(path: Path, options: EvaluateOptions) -> runs.Start:
 def check_options(options: EvaluateOptions) -> None:
     """Every option and input check that reads no samples: run before any work, so a typo costs nothing."""
     relax = options.relax
-    for flag, value in (("--workers", options.workers), ("--stability-samples", options.stability_samples),
-                        ("--coverage-max-reference", options.coverage_max_reference), ("--steps", relax.max_steps)):
-        if value is not None and value < 1:
-            raise CrystalError(f"{flag} must be >= 1, got {value}")
+    check_counts({"--workers": options.workers, "--stability-samples": options.stability_samples,
+                  "--coverage-max-reference": options.coverage_max_reference, "--steps": relax.max_steps})
     if not (math.isfinite(relax.fmax) and relax.fmax > 0):
         raise CrystalError(f"--fmax must be a finite force > 0 eV/Å, got {relax.fmax}")
     if not (math.isfinite(relax.time_limit) and relax.time_limit > 0):

@@ -32,7 +32,7 @@ from scipy.optimize import linear_sum_assignment
 
 from crystal_cli import runs
 from crystal_cli.datasets import read_structures
-from crystal_cli.errors import CrystalError
+from crystal_cli.errors import CrystalError, check_counts
 from crystal_cli.flow.manifolds import (
     euclidean_to_lattice,
     mean_periodic_distance,
@@ -264,11 +264,8 @@ class PairOptions:
     max_targets: int | None = None
 
     def __post_init__(self) -> None:
-        for name, flag in (("samples_per_target", "--per-target"), ("max_atoms", "--max-atoms"),
-                           ("max_targets", "--max-targets")):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise CrystalError(f"{flag} must be >= 1, got {value}")
+        check_counts({"--per-target": self.samples_per_target, "--max-atoms": self.max_atoms,
+                      "--max-targets": self.max_targets})
 
 
 @dataclass
