@@ -46,6 +46,13 @@ def test_generated_structures_round_trip_through_evaluate(tiny_gguf, tmp_path, f
     result = runner.invoke(app, ["evaluate", str(out), "--no-stability", "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r.json").read_text())["counts"]["structures"] == 4
+    # --overwrite starts over in place: a POSCAR directory loses its old samples (none left behind), not itself
+    result = runner.invoke(app, ["generate", "-m", str(tiny_gguf), "-o", str(out), "--format", fmt, "-n", "2",
+                                 "--parallel", "2", "--threads", "1", "--max-atoms", "6", "--temperature", "1.0",
+                                 "--seed", "5", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    ok = [r["id"] for r in read_jsonl(out.with_suffix(".jsonl")) if r["status"] == "ok"]
+    assert len(ok) == 2 and sorted(e.id for e in read_structures(out)) == sorted(ok)
 
 
 def test_symmetrized_cif_of_rock_salt_reads_back_as_space_group_225(tiny_gguf, tmp_path):

@@ -28,7 +28,9 @@ from crystal_cli.evaluate.validity import structural_validity
 from crystal_cli.models import LLM, model_fingerprint, resolve_model
 from crystal_cli.sampling.guard import MIN_DISTANCE, GuardSettings, check_min_distance
 from crystal_cli.sampling.llama_backend import Finished, Job, SamplingSettings, job_seed
-from crystal_cli.structure_io import FORMATS, StructureAppender, append_jsonl, read_jsonl, write_structures
+from crystal_cli.structure_io import (
+    FORMATS, StructureAppender, append_jsonl, read_jsonl, remove_structures, write_structures,
+)
 
 BACKENDS = ("llama", "transformers")
 # Options a resumed run may change: how many samples, how many decode at once, threads. Every other option
@@ -388,7 +390,8 @@ def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummar
     stem = options.output.stem
     try:
         if options.overwrite:
-            runs.discard(options.output, sidecar)
+            remove_structures(options.output, fmt)
+            runs.discard(sidecar)
         start.commit()
         if fmt != "jsonl" and rows:
             _rebuild_structures(options.output, fmt, rows, options.symmetrize)
@@ -509,7 +512,8 @@ def infill(options: GenerateOptions, on_sample=None, on_ready: Callable[[], None
     started = time.perf_counter()
     try:
         if options.overwrite:
-            runs.discard(options.output, sidecar)
+            remove_structures(options.output, fmt)
+            runs.discard(sidecar)
         start.commit()
         by_id = {e.id: e for e in targets}
         if fmt != "jsonl" and rows:  # remade from the sidecar and the inputs: exactly what a fresh run wrote
