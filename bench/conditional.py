@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from crystal_cli.files import shared_data  # noqa: E402
 from crystal_cli.runtime import configure_process  # noqa: E402
 
 configure_process()
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def pick_targets(test_csv: Path, count: int, max_atoms: int, seed: int) -> list[dict]:
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=5, help="samples per formula and condition")
     parser.add_argument("--max-atoms", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--test", type=Path, default=SHARED / "mp_20/test.csv.gz")
+    parser.add_argument("--test", type=Path, default=shared_data("mp_20", "test.csv.gz"))
     parser.add_argument("--records", type=Path, default=ROOT / "runs/data/mp20-open", help="for the baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/conditional")

@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from crystal_cli.files import shared_data  # noqa: E402
 from crystal_cli.runtime import configure_process  # noqa: E402
 
 configure_process()
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 
 COLUMNS = ("struct. valid", "comp. valid", "COV-R", "COV-P", "wdist ρ", "wdist N_el", "metastable", "stable",
            "SUN", "structures/s")
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--relax-time-limit", type=float, default=30.0, help="seconds per relaxation")
     parser.add_argument("--coverage-reference-max", type=int, default=1000)
     parser.add_argument("--reference", type=Path, default=ROOT / "runs/data/mp20-open", help="novelty reference")
-    parser.add_argument("--coverage-reference", type=Path, default=SHARED / "mp_20/test.csv.gz")
+    parser.add_argument("--coverage-reference", type=Path, default=shared_data("mp_20", "test.csv.gz"))
     parser.add_argument("--hull", type=Path, default=ROOT / "runs/hull.json.gz")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: every core)")
