@@ -115,13 +115,6 @@ def _lattice_summary(structure: Structure) -> list[float]:
     return [round(x, 4) for x in (*structure.lattice.abc, *structure.lattice.angles)]
 
 
-def resolve_model(name: str | Path | None) -> Path:
-    """A flow run directory or a shipped flow model by name (models.resolve_model, the one resolver)."""
-    from crystal_cli.models import FLOW, resolve_model as resolve
-
-    return Path(resolve(name, FLOW))
-
-
 def usable(entry: Entry, max_z: int) -> str | None:
     """Why an input cannot be refined, or None."""
     if entry.structure is None:
