@@ -207,9 +207,9 @@ class Report:
     def to_pandas(self):
         import pandas as pd
 
-        from crystal_cli.evaluate.report import CSV_COLUMNS, csv_row
+        from crystal_cli.evaluate.report import CSV_COLUMNS, csv_rows
 
-        return pd.DataFrame([csv_row(s, None) for s in self.evaluation.samples], columns=list(CSV_COLUMNS))
+        return pd.DataFrame(csv_rows(self.evaluation), columns=list(CSV_COLUMNS))
 
     @property
     def rates(self) -> dict[str, Rate]:

@@ -49,8 +49,6 @@ def idle_cores(window_s: float = 0.25) -> int:
     short window. llama.cpp's worker threads spin-wait at every barrier for each other: a thread on a core
     another process holds stalls all of them (measured: 0.7 -> 0.06 structures/s on 2 cores beside one busy
     process), so sampling starts one thread per idle core instead of one per core."""
-    import time
-
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
     def counters() -> tuple[int, int] | None:

@@ -18,7 +18,7 @@ import numpy as np
 from pymatgen.core import Structure
 from pymatgen.io.cif import CifWriter
 
-from crystal_cli.runs import atomic_path
+from crystal_cli.runs import atomic_path, write_text
 
 FORMATS = ("cif", "extxyz", "jsonl", "poscar")
 
@@ -157,8 +157,6 @@ class StructureAppender:
         its readers reject. The caller says so; jsonl, extxyz and POSCAR keep every structure."""
         name = self._unique(name)
         if self.fmt == "poscar":
-            from crystal_cli.runs import write_text
-
             write_text(poscar_path(self.path, name), poscar_text(structure, name))
             return True
         if self.fmt == "cif":

@@ -91,12 +91,7 @@ class Hull:
         return entries
 
     def _build_diagram(self, chemsys: frozenset[str]) -> PhaseDiagram:
-        entries = [PDEntry(Composition(el), 0.0) for el in sorted(chemsys)]
-        for formula, (energy, _) in self.entries.items():
-            if self._elements_of[formula] <= chemsys:
-                composition = Composition(formula)
-                entries.append(PDEntry(composition, energy * composition.num_atoms))
-        return PhaseDiagram(entries)
+        return PhaseDiagram(self.reference_entries(chemsys))
 
     # ----------------------------------------------------------------------------------------- persistence
     def as_dict(self) -> dict:

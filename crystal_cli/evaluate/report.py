@@ -240,7 +240,7 @@ def _not_relaxed(sample: SampleResult, sampled: bool | None) -> str:
     return record.error or "" if record is not None and record.relaxed is None else ""
 
 
-def csv_row(sample: SampleResult, relaxed_path: Path | None, sampled: bool | None = None) -> dict:
+def _csv_row(sample: SampleResult, relaxed_path: Path | None, sampled: bool | None = None) -> dict:
     """One structures.csv row. `sampled`: whether the entry is in the stability subset (None: stability off)."""
     entry, v, r = sample.entry, sample.validity, sample.stability
     row = {
@@ -273,10 +273,15 @@ def write_csv(evaluation: Evaluation, path: str | Path, relaxed_path: Path | Non
     with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        chosen = set(evaluation.stability_indices) if evaluation.stability_indices is not None else None
-        for sample in evaluation.samples:
-            writer.writerow(csv_row(sample, relaxed_path, None if chosen is None else sample.index in chosen))
+        writer.writerows(csv_rows(evaluation, relaxed_path))
     return path
+
+
+def csv_rows(evaluation: Evaluation, relaxed_path: Path | None = None) -> list[dict]:
+    """structures.csv's rows, one per structure (also Report.to_pandas)."""
+    chosen = set(evaluation.stability_indices) if evaluation.stability_indices is not None else None
+    return [_csv_row(sample, relaxed_path, None if chosen is None else sample.index in chosen)
+            for sample in evaluation.samples]
 
 
 def write_relaxed(evaluation: Evaluation, path: str | Path, fmt: str = "cif") -> int:
