@@ -42,6 +42,10 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository's crystal_cli (run.sh also puts it on PYTHONPATH)
+
+from crystal_cli.files import sha256_file as sha256  # noqa: E402  (stdlib only: safe before the preflight)
+
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE / "scratch-512x8-mp20-h200.toml"
 TOKENIZER = "smollm2-135m-tokenizer"  # bases.smollm2_tokenizer()'s cache entry
@@ -104,14 +108,6 @@ def split_file(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> list[
             part.write_bytes(chunk)
             parts.append(part)
     return parts
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def base_fingerprint(base_dir: Path) -> str:
