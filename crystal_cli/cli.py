@@ -21,7 +21,7 @@ from rich.table import Table  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
 from crystal_cli import __version__  # noqa: E402
-from crystal_cli.errors import CrystalError  # noqa: E402
+from crystal_cli.errors import CrystalError, check_counts  # noqa: E402
 
 console = Console()
 err_console = Console(stderr=True)
@@ -628,7 +628,7 @@ def flow_pairs(
         Optional[Path], typer.Option(help="LLM samples (CIF/jsonl) matched to targets by reduced formula and atom count.")
     ] = None,
     model: Annotated[
-        Optional[str], typer.Option(help="GGUF file (or smollm2-135m): sample c0 prompting with each target's formula.")
+        Optional[str], typer.Option(help="LLM as `crystal generate -m` takes it (.gguf, finetune run, shipped name such as default): sample c0 prompting with each target's formula.")
     ] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="--model: a GGUF LoRA adapter to apply.")] = None,
     temperature: Annotated[float, typer.Option(help="--model: sampling temperature.")] = 1.0,
@@ -644,12 +644,17 @@ def flow_pairs(
     min_distance: Annotated[
         float, typer.Option(help="--model: no two atoms of c0 closer than this, Å (distance guard; 0 = off).")
     ] = 0.5,
+    workers: Annotated[
+        int, typer.Option(help="Processes drawing targets side by side, each with its own model (--model: one "
+                          "llama.cpp thread each unless --threads); same files as one. On a CPU, one per core.")
+    ] = 1,
 ) -> None:
     """Build (c0, c1) pairs: a base sample per training crystal, sites aligned to the target's."""
     from crystal_cli.flow.pairs import FileSamples, PairOptions, PerturbedSamples, build_pairs
     from crystal_cli.sampling.guard import check_min_distance
 
     check_min_distance(min_distance)
+    check_counts({"--workers": workers})  # before a model loads
 
     chosen = [name for name, given in (("--samples", samples), ("--model", model), ("--perturb", perturb)) if given]
     if len(chosen) != 1:
@@ -661,12 +666,15 @@ def flow_pairs(
     elif model is not None:
         from crystal_cli.flow.pairs import LLMSamples
 
+        if threads is None and workers > 1:
+            threads = 1  # one sequence per target: a process's extra threads mostly wait
         source = LLMSamples(model, adapter=adapter, temperature=temperature, threads=threads, min_distance=min_distance)
     else:
         source = PerturbedSamples(coord_noise=coord_noise, lattice_noise=lattice_noise)
     options = PairOptions(samples_per_target=per_target, seed=seed, max_atoms=max_atoms, max_targets=max_targets)
     with progress_bar() as bar:
-        stats = build_pairs(targets, output, source, options, resume=resume, progress=_total_then_steps(bar, "pairs"))
+        stats = build_pairs(targets, output, source, options, resume=resume, progress=_total_then_steps(bar, "pairs"),
+                            workers=workers)
     run = stats["this_run"]
     table = Table(title=f"crystal flow pairs → {output}")
     for column in ("source", "targets (this run)", "pairs (this run)", "pairs (total)", "skipped (reason: n)"):

@@ -162,6 +162,8 @@ CASES = [
     (PAIRS + ["--lattice-noise", "inf"], ["--lattice-noise"]),
     (PAIRS + ["--max-atoms", "0"], ["--max-atoms"]),
     (PAIRS + ["--max-targets", "0"], ["--max-targets"]),
+    (PAIRS + ["--workers", "0"], ["--workers"]),
+    (["flow", "pairs", "{samples.cif}", "-o", "{out}", "--model", "no-such-model"], ["no-such-model"]),
     (["flow", "pairs", "{samples.cif}", "-o", "{existing.txt}", "--perturb"], ["existing.txt", "not a directory"]),
     (["flow", "pairs", "{samples.cif}", "-o", "{out}", "--samples", "{missing}"], ["missing.cif"]),
     (["flow", "pairs", "{samples.cif}", "-o", "{out}", "--model", "{binary.gguf}"], ["binary.gguf"]),

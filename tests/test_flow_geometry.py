@@ -164,6 +164,24 @@ def test_pairs_from_files_match_formula_and_resume_identically(tmp_path, structu
     assert (part / "pairs.jsonl").read_text() == (tmp_path / "full" / "pairs.jsonl").read_text()
 
 
+def test_pairs_from_worker_processes_are_the_files_of_one_process(tmp_path, structures):
+    """workers=2 (spawned processes, each with its own source) writes byte for byte what one process writes,
+    and a resume with workers continues a one-process run to the same files."""
+    targets = tmp_path / "targets.cif"
+    write_structures(targets, list(structures.items()))
+    options = PairOptions(samples_per_target=2, seed=5)
+    build_pairs(targets, tmp_path / "one", PerturbedSamples(0.03, 0.03), options)
+    build_pairs(targets, tmp_path / "two", PerturbedSamples(0.03, 0.03), options, workers=2)
+    build_pairs(targets, tmp_path / "part", PerturbedSamples(0.03, 0.03), PairOptions(2, seed=5, max_targets=2))
+    build_pairs(targets, tmp_path / "part", PerturbedSamples(0.03, 0.03), options, resume=True, workers=2)
+    for name in ("pairs.jsonl", "progress.jsonl"):
+        expected = (tmp_path / "one" / name).read_text()
+        assert (tmp_path / "two" / name).read_text() == expected
+        assert (tmp_path / "part" / name).read_text() == expected
+    with pytest.raises(CrystalError, match="--workers"):
+        build_pairs(targets, tmp_path / "zero", PerturbedSamples(), options, workers=0)
+
+
 def test_pairs_of_a_cell_outside_the_angle_interval_share_its_niggli_cell(tmp_path):
     skewed = Structure(Lattice.from_parameters(3.0, 3.0, 7.0, 90, 90, 30), ["Na", "Cl", "Cl"],
                        [[0, 0, 0], [0.5, 0.5, 0.5], [0.1, 0.7, 0.2]])

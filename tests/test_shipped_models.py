@@ -56,3 +56,17 @@ def test_refine_without_model_uses_the_shipped_flow(tmp_path, structures):
     assert result.exit_code == 0, result.output
     refined = list(read_structures(tmp_path / "out.cif"))
     assert [e.structure.composition for e in refined] == [structures["NaCl"].composition, structures["Si"].composition]
+
+
+def test_flow_pairs_takes_the_shipped_default_by_name(tmp_path, structures):
+    """`crystal flow pairs --model default` resolves -m as `crystal generate` does (FlowLLM's pairs from the
+    shipped LLM), here in two worker processes that each load their own copy (LLMSamples pickles as its
+    arguments): one c0 per target with the target's exact composition, aligned site by site."""
+    write_structures(tmp_path / "t.cif", [("NaCl", structures["NaCl"]), ("Si", structures["Si"])])
+    result = runner.invoke(app, ["flow", "pairs", str(tmp_path / "t.cif"), "-o", str(tmp_path / "p"),
+                                 "--model", "default", "--temperature", "0.7", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(tmp_path / "p" / "pairs.jsonl")
+    assert [r["target_id"] for r in rows] == ["NaCl", "Si"] and {r["source"] for r in rows} == {"llm"}
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["inputs"]["model"]["path"] == str((MODELS / "default").resolve())

@@ -186,37 +186,47 @@ class FileSamples:
 
 
 class LLMSamples:
-    """c0 drawn from a GGUF model (llama.cpp; a path, or "smollm2-135m" for the shipped base) prompted with the
+    """c0 drawn from an LLM (llama.cpp; -m as `crystal generate` takes it, "smollm2-135m" the shipped base GGUF) prompted with the
     target's reduced formula, the grammar pinning the target's exact site multiset (its elements in
     training-text order, its atom count), and the distance guard (sampling/guard.py) keeping its atoms
-    min_distance Å apart (0: off) in a cell with room for them."""
+    min_distance Å apart (0: off) in a cell with room for them. It pickles as its arguments: a worker
+    process (build_pairs' `workers`) loads its own copy of the model."""
 
     name = "llm"
 
-    def __init__(self, model: str | Path, adapter: str | Path | None = None, temperature: float = 1.0,
-                 top_p: float = 1.0, parallel: int = 8, threads: int | None = None, min_distance: float = MIN_DISTANCE):
+    def __init__(self, model: str | Path | None, adapter: str | Path | None = None, temperature: float = 1.0,
+                 top_p: float = 1.0, parallel: int = 8, threads: int | None = None, min_distance: float = MIN_DISTANCE,
+                 quant: str = "auto"):
         from crystal_cli.bases import SMOLLM2, smollm2_gguf
-        from crystal_cli.sampling.llama_backend import LlamaModel
+        from crystal_cli.models import LLM, resolve_model
+        from crystal_cli.sampling.generate import GenerateOptions, load_llama, model_inputs
 
+        self._arguments = {"model": model, "adapter": adapter, "temperature": temperature, "top_p": top_p,
+                           "parallel": parallel, "threads": threads, "min_distance": min_distance, "quant": quant}
         self.min_distance = check_min_distance(min_distance)
         if not math.isfinite(temperature) or temperature < 0:
             raise CrystalError(f"--temperature must be a number >= 0, got {temperature}")
         if not math.isfinite(top_p) or not 0 < top_p <= 1:
             raise CrystalError(f"top_p must be in (0, 1], got {top_p}")
-        self.path = smollm2_gguf() if str(model) == SMOLLM2 else Path(model)
-        if str(model) != SMOLLM2:
-            from crystal_cli.export import check_gguf_model
-
-            if check_gguf_model(self.path) != "model":
-                raise CrystalError(f"{self.path}: a GGUF LoRA adapter, not a model (pass it with --adapter)")
-        self.adapter = adapter
-        self.model = LlamaModel(self.path, adapter=adapter, threads=threads)
+        # -m as `crystal generate` takes it (a .gguf, a finetune run, a shipped name; None: models/default),
+        # except that the base smollm2-135m samples from its shipped GGUF rather than a fresh export
+        source = smollm2_gguf() if str(model) == SMOLLM2 else resolve_model(model, LLM)
+        options = GenerateOptions(model=None if model is None else str(model), output=Path("unused.cif"),
+                                  quant=quant, threads=threads, adapter=Path(adapter) if adapter else None)
+        self.inputs = model_inputs(source, options)
+        self.model, self.quant = load_llama(options, source)
         self.temperature, self.top_p, self.parallel, self.threads = temperature, top_p, parallel, threads
+
+    def __getstate__(self) -> dict:
+        return self._arguments
+
+    def __setstate__(self, arguments: dict) -> None:
+        self.__init__(**arguments)
 
     def describe(self) -> tuple[dict, dict]:
         options = {"temperature": self.temperature, "top_p": self.top_p, "threads": self.threads,
                    "min_distance": self.min_distance}
-        return options, {"model": runs.input_record(self.path), "adapter": runs.input_record(self.adapter)}
+        return options, self.inputs
 
     def draw(self, target: Structure, count: int, rng: np.random.Generator) -> list[Structure | str]:
         from crystal_cli.codec import conditional_prompt, parse_crystal
@@ -304,10 +314,13 @@ def build_pairs(
     options: PairOptions,
     resume: bool = False,
     progress: Callable[[int | None], None] | None = None,
+    workers: int = 1,
 ) -> dict:
     """Pairs for every target under `targets`, appended to OUTDIR/pairs.jsonl. Returns the stats that are
     also written to OUTDIR/stats.json. `progress(total)` is called once with the number of targets (or None),
-    then with None after each target."""
+    then with None after each target. `workers` > 1 draws targets in that many processes (each with its own
+    copy of the source); the files are the same as with one, in the same order."""
+    check_counts({"--workers": workers})
     outdir = runs.dir_output(outdir, "-o")
     pairs_path, progress_path = outdir / PAIRS_FILE, outdir / PROGRESS_FILE
     source_options, source_inputs = source.describe()
@@ -325,27 +338,17 @@ def build_pairs(
     stats.resumed_targets = len(done)
     if progress:
         progress(len(entries))
+    todo = [(entry_id, target) for entry_id, target in entries if entry_id not in done]
+    if progress:
+        for _ in range(len(entries) - len(todo)):
+            progress(None)
     with pairs_path.open("a") as pairs_out, progress_path.open("a") as progress_out:
-        for entry_id, target in entries:
-            if entry_id in done:
-                if progress:
-                    progress(None)
-                continue
-            rng = target_rng(options.seed, entry_id)
-            target, _ = reduce_if_needed(target)  # samples (perturbed ones too) start from the flow's cell
-            made, reasons = 0, Counter()
-            for k, sample in enumerate(source.draw(target, options.samples_per_target, rng)):
-                row = sample if isinstance(sample, str) else make_pair(
-                    f"{entry_id}#{k}", entry_id, sample, target, source.name
-                )
-                if isinstance(row, str):
-                    reasons[row] += 1
-                    continue
+        for entry_id, rows, reasons in _pair_all(source, options, todo, workers):
+            for row in rows:
                 append_jsonl(pairs_out, row)
-                made += 1
-            append_jsonl(progress_out, {"target_id": entry_id, "pairs": made, "skipped": dict(reasons)})
+            append_jsonl(progress_out, {"target_id": entry_id, "pairs": len(rows), "skipped": dict(reasons)})
             stats.targets += 1
-            stats.pairs += made
+            stats.pairs += len(rows)
             stats.skipped.update(reasons)
             if progress:
                 progress(None)
@@ -361,6 +364,48 @@ def build_pairs(
     }
     runs.write_json(outdir / STATS_FILE, result)
     return result
+
+
+def _pair_target(source: SampleSource, options: PairOptions, entry_id: str,
+                 target: Structure) -> tuple[str, list[dict], Counter]:
+    """(target id, pairs.jsonl rows, skip reasons) of one target, from its own seeded stream."""
+    rng = target_rng(options.seed, entry_id)
+    target, _ = reduce_if_needed(target)  # samples (perturbed ones too) start from the flow's cell
+    rows, reasons = [], Counter()
+    for k, sample in enumerate(source.draw(target, options.samples_per_target, rng)):
+        row = sample if isinstance(sample, str) else make_pair(f"{entry_id}#{k}", entry_id, sample, target, source.name)
+        if isinstance(row, str):
+            reasons[row] += 1
+        else:
+            rows.append(row)
+    return entry_id, rows, reasons
+
+
+_WORKER: tuple[SampleSource, PairOptions] | None = None  # the source and options of a worker process
+
+
+def _start_worker(source: SampleSource, options: PairOptions) -> None:
+    global _WORKER
+    _WORKER = (source, options)
+
+
+def _work(item: tuple[str, Structure]) -> tuple[str, list[dict], Counter]:
+    return _pair_target(*_WORKER, *item)
+
+
+def _pair_all(source: SampleSource, options: PairOptions, todo: list[tuple[str, Structure]],
+              workers: int) -> Iterator[tuple[str, list[dict], Counter]]:
+    """Every target's pairs in target order. Several workers pay off on a CPU: one sequence per target
+    keeps llama.cpp's threads mostly idle, so W one-thread processes draw ~W times as fast as one."""
+    if workers == 1 or len(todo) < 2:
+        for entry_id, target in todo:
+            yield _pair_target(source, options, entry_id, target)
+        return
+    import multiprocessing
+
+    # spawn, not fork: the parent holds llama.cpp and torch thread pools that a fork would copy mid-state
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(todo)), _start_worker, (source, options)) as pool:
+        yield from pool.imap(_work, todo)
 
 
 def _adopt(outdir: Path, source: str, options: PairOptions) -> dict:

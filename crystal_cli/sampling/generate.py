@@ -293,7 +293,7 @@ def open_backend(options: GenerateOptions, source: str | Path, gbnf: str | None,
 _DEFAULTS = {f.name: f.default for f in fields(GenerateOptions) if f.default is not MISSING}
 
 
-def _model_inputs(source: str | Path, options: GenerateOptions) -> dict[str, dict | None]:
+def model_inputs(source: str | Path, options: GenerateOptions) -> dict[str, dict | None]:
     """The manifest's model inputs: the resolved model (a base name is kept as its name) and the adapter."""
     path = str(source) if isinstance(source, str) else str(Path(source).resolve())
     return {"model": {"path": path, "sha256": model_fingerprint(source)}, "adapter": runs.input_record(options.adapter)}
@@ -373,7 +373,7 @@ def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummar
     prompt, gbnf = prompt_and_grammar(options)
     sidecar, fmt = output_paths(options.output, options.fmt)
     source = resolve_model(options.model, LLM)
-    inputs = _model_inputs(source, options)
+    inputs = model_inputs(source, options)
     manifest_options = {k: v for k, v in asdict(options).items() if k not in _NOT_OPTIONS} | {"prompt": prompt}
     rows = _existing(options, sidecar)
     start = _begin("generate", options, sidecar, rows, manifest_options, inputs, "samples",
@@ -417,7 +417,7 @@ def draw(options: GenerateOptions, source: str | Path, loaded=None) -> Iterator[
     _check_common(options)
     prompt, gbnf = prompt_and_grammar(options)
     backend = open_backend(options, source, gbnf, loaded)
-    provenance = _provenance(options, _model_inputs(source, options), backend.quant)
+    provenance = _provenance(options, model_inputs(source, options), backend.quant)
     try:
         for finished in backend.run(prompt, [Job(i, job_seed(options.seed, i)) for i in range(options.n)]):
             yield _row(finished, f"sample-{finished.index:05d}", prompt, provenance)
@@ -491,7 +491,7 @@ def infill(options: GenerateOptions, on_sample=None, on_ready: Callable[[], None
         raise CrystalError(f"{options.infill}: no readable structure contains {options.mask}")
     sidecar, fmt = output_paths(options.output, options.fmt)
     source = resolve_model(options.model, LLM)
-    inputs = _model_inputs(source, options) | {"infill": runs.input_record(options.infill)}
+    inputs = model_inputs(source, options) | {"infill": runs.input_record(options.infill)}
     manifest_options = {k: getattr(options, k) for k in ("mask", "backend", "quant", "fmt", *RESUME_SAFE)}
     rows = _existing(options, sidecar)
     start = _begin("infill", options, sidecar, rows, manifest_options, inputs, "substitutions",
