@@ -70,3 +70,22 @@ def test_flow_pairs_takes_the_shipped_default_by_name(tmp_path, structures):
     assert [r["target_id"] for r in rows] == ["NaCl", "Si"] and {r["source"] for r in rows} == {"llm"}
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert manifest["inputs"]["model"]["path"] == str((MODELS / "default").resolve())
+
+
+def test_batched_llm_pairs_draw_what_one_target_at_a_time_draws(structures):
+    """LLMSamples.draw_many runs every target's sequences in one batch (a prompt and grammar per slot); each
+    target still gets exactly the samples a draw() of its own gives (seeds from its stream), in input order."""
+    import numpy as np
+
+    from crystal_cli.flow.pairs import LLMSamples
+
+    source = LLMSamples("default", temperature=0.7, min_distance=0.5, parallel=4, threads=1)
+    names = ["NaCl", "Si", "CsCl"]
+    batched = list(source.draw_many([(n, structures[n], np.random.default_rng(k)) for k, n in enumerate(names)], 2))
+    assert [entry[0] for entry in batched] == names
+    for k, (name, target, samples) in enumerate(batched):
+        alone = source.draw(structures[name], 2, np.random.default_rng(k))
+        assert len(samples) == len(alone) == 2
+        for a, b in zip(samples, alone):
+            assert not isinstance(a, str) and a.composition == target.composition
+            assert a.lattice == b.lattice and np.allclose(a.frac_coords, b.frac_coords)

@@ -20,7 +20,7 @@ import json
 import math
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -46,7 +46,8 @@ from crystal_cli.structure_io import append_jsonl, read_jsonl
 PAIRS_FILE = "pairs.jsonl"
 PROGRESS_FILE = "progress.jsonl"
 STATS_FILE = "stats.json"
-RESUME_SAFE = ("max_targets", "threads")  # targets are seeded one by one: more of them continue the run
+RESUME_SAFE = ("max_targets", "threads")
+_CHUNK = 64  # targets a worker process draws as one batch  # targets are seeded one by one: more of them continue the run
 
 
 def target_rng(seed: int, key: str) -> np.random.Generator:
@@ -229,34 +230,73 @@ class LLMSamples:
         return options, self.inputs
 
     def draw(self, target: Structure, count: int, rng: np.random.Generator) -> list[Structure | str]:
+        [(_, _, samples)] = self.draw_many([("", target, rng)], count)
+        return samples
+
+    def draw_many(self, items: Iterable[tuple[str, Structure, np.random.Generator]],
+                  count: int) -> Iterator[tuple[str, Structure, list[Structure | str]]]:
+        """(id, target, samples) of every (id, target, rng), in their order: all targets' sequences share one
+        batch of `parallel` slots (a target's own prompt and grammar in each), so a target of one sample
+        does not leave the batch empty. Same samples as one draw() per target: each job's seed comes from
+        its target's stream, and llama.cpp's results do not depend on the batch."""
         from crystal_cli.codec import conditional_prompt, parse_crystal
         from crystal_cli.grammar import FormulaConstraint, crystal_gbnf, element_order, max_new_tokens
-        from crystal_cli.sampling.llama_backend import BatchedSampler, Job, SamplingSettings
+        from crystal_cli.sampling.llama_backend import BatchedSampler, Finished, Job, Request, SamplingSettings
 
-        amounts = target.composition.get_el_amt_dict()
-        if max(Element(el).Z for el in amounts) > MAX_Z:
-            return ["element_out_of_range"]
-        order = element_order(list(amounts))
-        formula = target.composition.reduced_formula
-        exact = FormulaConstraint(formula, tuple(order), tuple(int(round(amounts[el])) for el in order), 1)
-        settings = SamplingSettings(temperature=self.temperature, top_p=self.top_p,
-                                    max_new_tokens=max_new_tokens(len(target)), parallel=min(self.parallel, count),
-                                    threads=self.threads)
-        guard = GuardSettings(self.min_distance, exact) if self.min_distance > 0 else None
-        sampler = BatchedSampler(self.model, settings, crystal_gbnf(len(target), exact), guard)
-        jobs = [Job(k, int(rng.integers(2**31 - 1))) for k in range(count)]
+        items = list(items)
+        results: list[list[Structure | str] | None] = [None] * len(items)
+        plans: list[tuple[int, str, FormulaConstraint, Structure, list[Job]]] = []
+        for i, (_, target, rng) in enumerate(items):
+            amounts = target.composition.get_el_amt_dict()
+            if max(Element(el).Z for el in amounts) > MAX_Z:
+                results[i] = ["element_out_of_range"]
+                continue
+            order = element_order(list(amounts))
+            formula = target.composition.reduced_formula
+            exact = FormulaConstraint(formula, tuple(order), tuple(int(round(amounts[el])) for el in order), 1)
+            jobs = [Job(k, int(rng.integers(2**31 - 1))) for k in range(count)]
+            plans.append((i, conditional_prompt({"formula": formula}), exact, target, jobs))
+        longest = max((max_new_tokens(len(plan[3])) for plan in plans), default=1)
+        settings = SamplingSettings(temperature=self.temperature, top_p=self.top_p, max_new_tokens=longest,
+                                    parallel=self.parallel, threads=self.threads)
+        sampler = BatchedSampler(self.model, settings, None)
+        index: dict[int, int] = {}  # id(request) -> item
+
+        def requests() -> Iterator[Request]:
+            for i, prompt, exact, target, jobs in plans:  # a grammar is compiled when its target's turn comes
+                guard = GuardSettings(self.min_distance, exact) if self.min_distance > 0 else None
+                request = Request(prompt, jobs, self.model.grammar(crystal_gbnf(len(target), exact)),
+                                  sampler.distance_guard(guard), max_new_tokens(len(target)), owns_grammar=True)
+                index[id(request)] = i
+                yield request
+
+        drawn: dict[int, list[Finished]] = defaultdict(list)
+        emitted = 0
+        max_prompt = max((len(self.model.tokenize(plan[1])) for plan in plans), default=1)
         try:
-            finished = sorted(sampler.run(conditional_prompt({"formula": formula}), jobs), key=lambda f: f.index)
+            finished = sampler.run_requests(requests(), sum(len(plan[4]) for plan in plans), max_prompt, longest)
+            for request, sample in finished:
+                i = index[id(request)]
+                drawn[i].append(sample)
+                if len(drawn[i]) == count:
+                    results[i] = [_outcome(f, parse_crystal) for f in sorted(drawn.pop(i), key=lambda f: f.index)]
+                while emitted < len(items) and results[emitted] is not None:
+                    yield *items[emitted][:2], results[emitted]
+                    results[emitted] = []  # emitted; drop the structures
+                    emitted += 1
+            while emitted < len(items):
+                yield *items[emitted][:2], results[emitted]
+                emitted += 1
         finally:
             sampler.close()
-        out: list[Structure | str] = []
-        for sample in finished:
-            parsed = parse_crystal(sample.text)
-            if sample.failure:
-                out.append(sample.failure)
-            else:
-                out.append(parsed.structure if parsed.ok else (parsed.reason.value if sample.ended else "max_tokens"))
-        return out
+
+
+def _outcome(sample, parse_crystal) -> Structure | str:
+    """A finished sample's structure, or why there is none."""
+    if sample.failure:
+        return sample.failure
+    parsed = parse_crystal(sample.text)
+    return parsed.structure if parsed.ok else (parsed.reason.value if sample.ended else "max_tokens")
 
 
 def _match_key(structure: Structure) -> tuple[str, int]:
@@ -366,19 +406,28 @@ def build_pairs(
     return result
 
 
-def _pair_target(source: SampleSource, options: PairOptions, entry_id: str,
-                 target: Structure) -> tuple[str, list[dict], Counter]:
-    """(target id, pairs.jsonl rows, skip reasons) of one target, from its own seeded stream."""
-    rng = target_rng(options.seed, entry_id)
-    target, _ = reduce_if_needed(target)  # samples (perturbed ones too) start from the flow's cell
-    rows, reasons = [], Counter()
-    for k, sample in enumerate(source.draw(target, options.samples_per_target, rng)):
-        row = sample if isinstance(sample, str) else make_pair(f"{entry_id}#{k}", entry_id, sample, target, source.name)
-        if isinstance(row, str):
-            reasons[row] += 1
-        else:
-            rows.append(row)
-    return entry_id, rows, reasons
+def _pair_stream(source: SampleSource, options: PairOptions,
+                 items: Iterable[tuple[str, Structure]]) -> Iterator[tuple[str, list[dict], Counter]]:
+    """(target id, pairs.jsonl rows, skip reasons) of each target in order, each from its own seeded stream;
+    a source with draw_many (the LLM) draws all of them in one batch."""
+    prepared = ((entry_id, reduce_if_needed(target)[0], target_rng(options.seed, entry_id))
+                for entry_id, target in items)  # samples (perturbed ones too) start from the flow's cell
+    draw_many = getattr(source, "draw_many", None)
+    if draw_many is not None:
+        drawn = draw_many(prepared, options.samples_per_target)
+    else:
+        drawn = ((entry_id, target, source.draw(target, options.samples_per_target, rng))
+                 for entry_id, target, rng in prepared)
+    for entry_id, target, samples in drawn:
+        rows, reasons = [], Counter()
+        for k, sample in enumerate(samples):
+            row = sample if isinstance(sample, str) else make_pair(f"{entry_id}#{k}", entry_id, sample, target,
+                                                                    source.name)
+            if isinstance(row, str):
+                reasons[row] += 1
+            else:
+                rows.append(row)
+        yield entry_id, rows, reasons
 
 
 _WORKER: tuple[SampleSource, PairOptions] | None = None  # the source and options of a worker process
@@ -389,23 +438,25 @@ def _start_worker(source: SampleSource, options: PairOptions) -> None:
     _WORKER = (source, options)
 
 
-def _work(item: tuple[str, Structure]) -> tuple[str, list[dict], Counter]:
-    return _pair_target(*_WORKER, *item)
+def _work(chunk: list[tuple[str, Structure]]) -> list[tuple[str, list[dict], Counter]]:
+    return list(_pair_stream(*_WORKER, chunk))
 
 
 def _pair_all(source: SampleSource, options: PairOptions, todo: list[tuple[str, Structure]],
               workers: int) -> Iterator[tuple[str, list[dict], Counter]]:
-    """Every target's pairs in target order. Several workers pay off on a CPU: one sequence per target
-    keeps llama.cpp's threads mostly idle, so W one-thread processes draw ~W times as fast as one."""
+    """Every target's pairs in target order, from one process or from `workers` processes taking chunks of
+    targets in turn (each chunk one batch; on a CPU one process per core draws ~that many times faster)."""
     if workers == 1 or len(todo) < 2:
-        for entry_id, target in todo:
-            yield _pair_target(source, options, entry_id, target)
+        yield from _pair_stream(source, options, todo)
         return
     import multiprocessing
 
+    size = max(1, min(_CHUNK, -(-len(todo) // (4 * workers))))
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
     # spawn, not fork: the parent holds llama.cpp and torch thread pools that a fork would copy mid-state
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(todo)), _start_worker, (source, options)) as pool:
-        yield from pool.imap(_work, todo)
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(chunks)), _start_worker, (source, options)) as pool:
+        for results in pool.imap(_work, chunks):
+            yield from results
 
 
 def _adopt(outdir: Path, source: str, options: PairOptions) -> dict:

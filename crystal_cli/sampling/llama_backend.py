@@ -3,7 +3,9 @@
 The prompt is decoded once and its KV cells copied to every slot; each slot then runs one sequence with its
 own sampler chain (grammar -> temperature -> top-p -> seeded dist). Slots are refilled as soon as their
 sequence ends (continuous batching), so the batch stays full while there is work, and finished samples are
-yielded at once so the caller can append them to disk.
+yielded at once so the caller can append them to disk. A stream of requests (`run_requests`: a prompt,
+grammar and guard each, e.g. one formula-conditioned target of `crystal flow pairs` per request) shares the
+same slots; a slot that takes another prompt's job decodes that prompt into its own cells first.
 
 Under a grammar, about half the tokens of crystal text are forced (the "0." of every coordinate, the spaces
 between them, the newline after an element symbol): when the grammar admits exactly one next token it is
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,8 +218,11 @@ def _decode(llama, ctx, batch: _Batch, n_vocab: int, n_outputs: int) -> np.ndarr
 @dataclass
 class _Slot:
     job: Job
+    request: Request
     chain: object
     started: float
+    n_prompt: int  # the request's prompt tokens ahead of the sequence in the slot's cells
+    max_new_tokens: int
     tokens: list[int] = field(default_factory=list)
     decoded: int = 0  # tokens[:decoded] are in the KV cache
     guard: GuardState | None = None
@@ -225,8 +230,23 @@ class _Slot:
     failure: str = ""
 
 
+@dataclass
+class Request:
+    """Jobs that share a prompt, a grammar and a distance guard: a formula-conditioned target of `crystal flow
+    pairs` is one. `max_new_tokens` (None: the sampler's setting) caps its sequences; a grammar the request
+    owns is closed once its last job has finished."""
+
+    prompt: str
+    jobs: Sequence[Job]
+    grammar: GrammarEngine | None = None
+    guard: DistanceGuard | None = None
+    max_new_tokens: int | None = None
+    owns_grammar: bool = False
+
+
 class BatchedSampler:
-    """Draws many samples of one prompt with `parallel` sequences in flight."""
+    """Draws many samples with `parallel` sequences in flight: of one prompt (`run`), or of a stream of
+    requests with prompts and grammars of their own (`run_requests`), one slot per job."""
 
     def __init__(self, model: LlamaModel, settings: SamplingSettings, gbnf: str | None,
                  guard: GuardSettings | None = None):
@@ -235,17 +255,30 @@ class BatchedSampler:
         self.model = model
         self.settings = settings
         self.grammar = model.grammar(gbnf) if gbnf else None
-        self.candidates_ids = self.grammar.shortlist if self.grammar else np.arange(model.n_vocab, dtype=np.int32)
-        self._zeros = np.zeros(len(self.candidates_ids), dtype=np.float32)
-        self.guard = DistanceGuard(guard, model.piece_texts()) if guard is not None else None
-        self._position = np.full(model.n_vocab, -1, dtype=np.int64)  # token id -> index in candidates_ids
-        self._position[self.candidates_ids] = np.arange(len(self.candidates_ids))
+        self.guard = self.distance_guard(guard)
+        self._shortlist: np.ndarray | None = None  # the model's crystal shortlist, what every grammar samples over
+        self._position: np.ndarray | None = None  # token id -> index in the shortlist
+        self._zeros: np.ndarray | None = None
 
-    def _chain(self, seed: int):
+    def distance_guard(self, guard: GuardSettings | None) -> DistanceGuard | None:
+        """GuardSettings on this model's vocabulary (None: no guard)."""
+        return DistanceGuard(guard, self.model.piece_texts()) if guard is not None else None
+
+    def _candidate_ids(self, grammar: GrammarEngine | None) -> np.ndarray:
+        if grammar is None:
+            return np.arange(self.model.n_vocab, dtype=np.int32)
+        if self._shortlist is None:
+            self._shortlist = grammar.shortlist
+            self._position = np.full(self.model.n_vocab, -1, dtype=np.int64)
+            self._position[self._shortlist] = np.arange(len(self._shortlist))
+            self._zeros = np.zeros(len(self._shortlist), dtype=np.float32)
+        return self._shortlist
+
+    def _chain(self, seed: int, grammar: GrammarEngine | None):
         llama = self.model._llama
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-        if self.grammar is not None:
-            llama.llama_sampler_chain_add(chain, self.grammar.new_sampler())
+        if grammar is not None:
+            llama.llama_sampler_chain_add(chain, grammar.new_sampler())
         if self.settings.temperature <= 0:
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
         else:
@@ -255,22 +288,23 @@ class BatchedSampler:
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
         return chain
 
-    def _sample(self, chain, candidates: CandidateArray, row: np.ndarray, banned: np.ndarray | None = None) -> int:
+    def _sample(self, slot: _Slot, candidates: CandidateArray, row: np.ndarray) -> int:
         llama = self.model._llama
-        ids = self.candidates_ids
-        candidates.load(ids, row[ids] if self.grammar is not None else row)
-        if banned is not None:
-            candidates.buffer["logit"][banned] = -np.inf
-        llama.llama_sampler_apply(chain, candidates.pointer)
+        ids = self._candidate_ids(slot.request.grammar)
+        candidates.load(ids, row[ids] if slot.request.grammar is not None else row)
+        if slot.banned is not None:
+            candidates.buffer["logit"][slot.banned] = -np.inf
+        llama.llama_sampler_apply(slot.chain, candidates.pointer)
         token = candidates.selected_token()
-        llama.llama_sampler_accept(chain, token)
+        llama.llama_sampler_accept(slot.chain, token)
         return token
 
     def _allowed(self, slot: _Slot, candidates: CandidateArray) -> np.ndarray:
         """Token ids the slot's grammar allows next, less those its guard masks (recorded in slot.banned;
         none left: slot.failure)."""
         llama = self.model._llama
-        candidates.load(self.candidates_ids, self._zeros)
+        ids = self._candidate_ids(slot.request.grammar)
+        candidates.load(ids, self._zeros)
         llama.llama_sampler_apply(llama.llama_sampler_chain_get(slot.chain, 0), candidates.pointer)
         allowed = candidates.view()
         allowed = allowed["id"][np.isfinite(allowed["logit"])]
@@ -286,13 +320,13 @@ class BatchedSampler:
 
     def _extend(self, slot: _Slot, candidates: CandidateArray, row: np.ndarray, end_tokens: set[int]) -> None:
         """Sample slot's next token from `row`, then append the tokens the grammar (and guard) force after it."""
-        slot.tokens.append(self._sample(slot.chain, candidates, row, slot.banned))
+        slot.tokens.append(self._sample(slot, candidates, row))
         slot.banned = None
         skip_forced = self.settings.skip_forced
-        if self.grammar is None or not (skip_forced or slot.guard is not None):
+        if slot.request.grammar is None or not (skip_forced or slot.guard is not None):
             return
-        pieces = self.guard.pieces if self.guard is not None else None
-        while slot.tokens[-1] not in end_tokens and len(slot.tokens) < self.settings.max_new_tokens:
+        pieces = slot.request.guard.pieces if slot.guard is not None else None
+        while slot.tokens[-1] not in end_tokens and len(slot.tokens) < slot.max_new_tokens:
             if slot.guard is not None:
                 slot.guard.accept(pieces[slot.tokens[-1]])
                 if not skip_forced and not slot.guard.checking:
@@ -307,76 +341,130 @@ class BatchedSampler:
 
     def run(self, prompt: str, jobs: Sequence[Job]) -> Iterator[Finished]:
         """Yields each sample as it finishes (not in job order)."""
+        request = Request(prompt, jobs, self.grammar, self.guard)
+        for _, finished in self.run_requests([request], len(jobs), len(self.model.tokenize(prompt))):
+            yield finished
+
+    def run_requests(self, requests: Iterable[Request], n_jobs: int, max_prompt: int,
+                     max_new_tokens: int | None = None) -> Iterator[tuple[Request, Finished]]:
+        """(request, sample) of each job as it finishes. `requests` is read lazily (a grammar per request is
+        compiled only when its turn comes); `n_jobs` (all requests together) sizes the batch, `max_prompt` and
+        `max_new_tokens` (None: the setting) the longest prompt and sequence, in tokens. The first request's
+        prompt is decoded once and copied into every slot; a slot that takes a job of another prompt decodes
+        that prompt into its own cells first (one decode of that sequence alone)."""
         llama, model, settings = self.model._llama, self.model, self.settings
-        if not jobs:
+        if n_jobs <= 0:
             return
-        prompt_tokens = model.tokenize(prompt)
-        n_prompt = len(prompt_tokens)
-        n_slots = max(1, min(settings.parallel, len(jobs)))
-        per_seq = -(-(n_prompt + settings.max_new_tokens + 1) // 256) * 256  # llama.cpp pads contexts to 256
-        ctx = model.context(per_seq * n_slots, n_slots, max(n_prompt, n_slots), unified=False)
-        batch = _Batch(llama, max(n_prompt, n_slots))
+        longest = settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        n_slots = max(1, min(settings.parallel, n_jobs))
+        per_seq = -(-(max_prompt + longest + 1) // 256) * 256  # llama.cpp pads contexts to 256
+        ctx = model.context(per_seq * n_slots, n_slots, max(max_prompt, n_slots), unified=False)
+        batch = _Batch(llama, max(max_prompt, n_slots))
         candidates = CandidateArray(model.n_vocab)
         end_tokens = set(model.end_tokens)
-        pending = list(reversed(jobs))
+        stream = iter(requests)
+        queue: list[tuple[Request, Job]] = []
+        remaining: dict[int, list] = {}  # id(request) -> [request, its jobs not yet finished]
+        prompts: dict[int, tuple[str, list[int], np.ndarray]] = {}  # slot -> (prompt, tokens, logits) in its cells
         slots: dict[int, _Slot] = {}
+        memory = llama.llama_get_memory(ctx)
+
+        def next_job() -> tuple[Request, Job] | None:
+            while not queue:
+                request = next(stream, None)
+                if request is None:
+                    return None
+                if request.jobs:
+                    remaining[id(request)] = [request, len(request.jobs)]
+                    queue.extend((request, job) for job in reversed(request.jobs))
+                else:
+                    _release(request)
+            return queue.pop()
+
+        def load_prompt(s: int, prompt: str) -> tuple[list[int], np.ndarray]:
+            """The prompt's tokens and last logits, its KV cells in slot s (decoded there unless they are)."""
+            if s in prompts and prompts[s][0] == prompt:
+                return prompts[s][1], prompts[s][2]
+            tokens = model.tokenize(prompt)
+            if len(tokens) > max_prompt:
+                raise ValueError(f"a prompt of {len(tokens)} tokens, more than max_prompt = {max_prompt}")
+            llama.llama_memory_seq_rm(memory, s, -1, -1)
+            batch.fill(tokens, range(len(tokens)), [s] * len(tokens), [False] * (len(tokens) - 1) + [True])
+            logits = _decode(llama, ctx, batch, model.n_vocab, 1)[0].copy()
+            prompts[s] = (prompt, tokens, logits)
+            return tokens, logits
+
+        def start(s: int, request: Request, job: Job) -> None:
+            tokens, logits = load_prompt(s, request.prompt)
+            limit = longest if request.max_new_tokens is None else min(request.max_new_tokens, longest)
+            slot = _Slot(job, request, self._chain(job.seed, request.grammar), time.perf_counter(), len(tokens), limit)
+            if request.guard is not None:
+                slot.guard = request.guard.new_state()
+                if slot.guard.checking:
+                    self._allowed(slot, candidates)
+            if not slot.failure:
+                self._extend(slot, candidates, logits, end_tokens)
+            slots[s] = slot
+
+        def finish(s: int, ended: bool) -> tuple[Request, Finished]:
+            slot = slots.pop(s)
+            llama.llama_sampler_free(slot.chain)
+            llama.llama_memory_seq_rm(memory, s, slot.n_prompt, -1)
+            body = slot.tokens[:-1] if ended else slot.tokens
+            request = slot.request
+            remaining[id(request)][1] -= 1
+            if not remaining[id(request)][1]:
+                del remaining[id(request)]
+                _release(request)
+            return request, Finished(slot.job.index, slot.job.seed, model.detokenize(body), len(slot.tokens),
+                                     time.perf_counter() - slot.started, ended, slot.failure,
+                                     slot.guard.masked if slot.guard is not None else 0)
+
+        def compact() -> None:
+            """Move the highest running slots into the empty ones below them (a KV stream copy each)."""
+            holes = [s for s in range(len(slots)) if s not in slots]
+            movers = sorted((s for s in slots if s >= len(slots)), reverse=True)
+            for hole, mover in zip(holes, movers):
+                llama.llama_memory_seq_rm(memory, hole, -1, -1)
+                llama.llama_memory_seq_cp(memory, mover, hole, -1, -1)
+                llama.llama_memory_seq_rm(memory, mover, -1, -1)
+                slots[hole] = slots.pop(mover)
+                prompts[hole] = prompts.pop(mover)
+
         try:
-            batch.fill(prompt_tokens, range(n_prompt), [0] * n_prompt, [False] * (n_prompt - 1) + [True])
-            prompt_logits = _decode(llama, ctx, batch, model.n_vocab, 1)[0].copy()
-            memory = llama.llama_get_memory(ctx)
+            first = next_job()
+            if first is None:
+                return
+            tokens, _ = load_prompt(0, first[0].prompt)
             for s in range(1, n_slots):
                 llama.llama_memory_seq_cp(memory, 0, s, -1, -1)
-
-            def start(s: int) -> None:
-                job = pending.pop()
-                slot = _Slot(job, self._chain(job.seed), time.perf_counter())
-                if self.guard is not None:
-                    slot.guard = self.guard.new_state()
-                    if slot.guard.checking:
-                        self._allowed(slot, candidates)
-                if not slot.failure:
-                    self._extend(slot, candidates, prompt_logits, end_tokens)
-                slots[s] = slot
-
-            def finish(s: int, ended: bool) -> Finished:
-                slot = slots.pop(s)
-                llama.llama_sampler_free(slot.chain)
-                llama.llama_memory_seq_rm(memory, s, n_prompt, -1)
-                body = slot.tokens[:-1] if ended else slot.tokens
-                return Finished(slot.job.index, slot.job.seed, model.detokenize(body), len(slot.tokens),
-                                time.perf_counter() - slot.started, ended, slot.failure,
-                                slot.guard.masked if slot.guard is not None else 0)
-
-            def compact() -> None:
-                """Move the highest running slots into the empty ones below them (a KV stream copy each)."""
-                holes = [s for s in range(len(slots)) if s not in slots]
-                movers = sorted((s for s in slots if s >= len(slots)), reverse=True)
-                for hole, mover in zip(holes, movers):
-                    llama.llama_memory_seq_cp(memory, mover, hole, -1, -1)
-                    llama.llama_memory_seq_rm(memory, mover, -1, -1)
-                    slots[hole] = slots.pop(mover)
-
+                prompts[s] = prompts[0]
+            queue.append(first)
             for s in range(n_slots):
-                start(s)
+                work = next_job()
+                if work is None:
+                    break
+                start(s, *work)
             while slots:
                 while True:  # again while a refilled slot is over at once (the guard found no room)
                     done = [s for s, slot in slots.items() if not slot.failure and slot.tokens[-1:] and
                             slot.tokens[-1] in end_tokens]
                     done_cut = [s for s, slot in slots.items() if s not in done and
-                                (slot.failure or len(slot.tokens) >= settings.max_new_tokens)]
+                                (slot.failure or len(slot.tokens) >= slot.max_new_tokens)]
                     if not done and not done_cut:
                         break
                     for s in done + done_cut:
                         yield finish(s, s in done)
-                        if pending:
-                            start(s)
+                        work = next_job()
+                        if work is not None:
+                            start(s, *work)
                 if not slots:
                     break
                 compact()
                 active = range(len(slots))
                 sampling = [s for s in active if slots[s].decoded == len(slots[s].tokens) - 1]
                 batch.fill([slots[s].tokens[slots[s].decoded] for s in active],
-                           [n_prompt + slots[s].decoded for s in active], active,
+                           [slots[s].n_prompt + slots[s].decoded for s in active], active,
                            [slots[s].decoded == len(slots[s].tokens) - 1 for s in active])
                 for s in active:
                     slots[s].decoded += 1
@@ -386,12 +474,19 @@ class BatchedSampler:
         finally:
             for slot in slots.values():
                 llama.llama_sampler_free(slot.chain)
+            for request, _ in remaining.values():
+                _release(request)
             batch.free()
             llama.llama_free(ctx)
 
     def close(self) -> None:
         if self.grammar is not None:
             self.grammar.close()
+
+
+def _release(request: Request) -> None:
+    if request.owns_grammar and request.grammar is not None:
+        request.grammar.close()
 
 
 def log_softmax(row: np.ndarray) -> np.ndarray:
