@@ -59,6 +59,7 @@ bench: install
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/evaluate.py
 	$(BIN)/python bench/refine.py
+	$(BIN)/python bench/pairs.py
 
 # Model quality (the numbers in models/default/README.md): the papers' Table 1 for the shipped models and
 # conditional generation (exact composition, space-group match). Resumable; ~1 h on an idle 2-core CPU.

@@ -5,7 +5,7 @@ grammar. Drawn one target at a time (LLMSamples.draw), a single sequence is in f
 (LLMSamples.draw_many, what `crystal flow pairs` uses), `--parallel` targets share the decode. Same model,
 targets, seeds and threads; prints targets/s of each, their ratio, and whether the samples are the same.
 
-    python bench/pairs.py                       # models/default, 48 mp20-open train targets, 1 thread
+    python bench/pairs.py                       # models/default, 48 MP-20 train targets, 1 thread
     python bench/pairs.py --targets 96 --threads 2 --parallel 16
 """
 
@@ -18,12 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from crystal_cli.files import shared_data  # noqa: E402
 from crystal_cli.runtime import configure_process  # noqa: E402
 
 configure_process()
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     import numpy as np
@@ -34,7 +32,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="-m as crystal generate takes it")
-    parser.add_argument("--records", type=Path, default=ROOT / "runs/data/mp20-open/train.jsonl")
+    parser.add_argument("--records", type=Path, default=shared_data("mp_20", "train.csv.gz"),
+                        help="targets: any file crystal reads (default: MP-20 train in ../shared/data)")
     parser.add_argument("--targets", type=int, default=48)
     parser.add_argument("--max-atoms", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.7)
