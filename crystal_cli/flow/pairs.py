@@ -47,7 +47,7 @@ PAIRS_FILE = "pairs.jsonl"
 PROGRESS_FILE = "progress.jsonl"
 STATS_FILE = "stats.json"
 RESUME_SAFE = ("max_targets", "threads")  # targets are seeded one by one: more of them continue the run
-_CHUNK = 64  # targets a worker process draws as one batch  # targets are seeded one by one: more of them continue the run
+_CHUNK = 64  # targets a worker process draws as one batch
 
 
 def target_rng(seed: int, key: str) -> np.random.Generator:
