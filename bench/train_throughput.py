@@ -9,6 +9,7 @@ warm-up steps, then times N optimizer steps of the loss `crystal finetune` compu
 * + crystal vocab: the softmax over the grammar's crystal tokens only (train.loss_vocab = "crystal")
 * + bf16:       bf16 autocast, only where the CPU multiplies bf16 natively (avx512_bf16 / AMX)
 * + bf16 weights: the frozen base held in bf16 (no cast of every weight at every step; LoRA stays fp32)
+* + compile:    the decoder compiled by torch.compile (inductor, dynamic shapes: train.compile = true)
 * + 1 thread:   the same on one torch thread (a second process would take the other core)
 * candidate models at the best setting: SmolLM2-135M cut to its first 12 layers (LoRA and full), and a
   Llama trained from scratch (scratch-384x8), all with SmolLM2's tokenizer.
@@ -46,6 +47,8 @@ ROWS = {  # name -> settings; later rows add one change to the row before
     "+ bf16": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0},
     "+ bf16 weights": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
                                    "weights": "bf16"},
+    "+ compile": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
+                              "compile": True},
     "+ 1 thread": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 1},
     "135M:12 LoRA": {"base": "smollm2-135m:12", "method": "lora", "loop": "crystal", "vocab": "crystal",
                                    "precision": "bf16", "threads": 0},
@@ -106,6 +109,8 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
         model = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=ALL_LINEAR,
                                                task_type="CAUSAL_LM"))
         net = model.get_base_model()
+    if settings.get("compile"):
+        net.get_decoder().compile(dynamic=True)
     examples, _ = make_examples(tokenizer, training_records(batch * 8), length)
     chosen = examples[:batch]
     data = collate(chosen, tokenizer.pad_token_id)

@@ -96,6 +96,30 @@ def encode_structure(structure: Structure) -> str:
     return "\n".join(lines)
 
 
+def sorted_sites(text: str) -> str:
+    """The same crystal text with its sites grouped by element (in order of first appearance) and sorted by
+    (x, y, z) within each element: one order for every ordering of each element's sites (training's
+    data.site_order = "sorted"; the records' element order, electronegativity in MP's files, is kept). A model
+    trained on it writes each element's sites in increasing order, so repeating an earlier site of the same
+    element breaks a rule it can check against the line just above. Text that is not lattice lines followed
+    by (element, 3 numbers) pairs is returned unchanged."""
+    lines = text.split("\n")
+    if len(lines) < 4 or len(lines) % 2:
+        return text
+    groups: dict[str, list[tuple[tuple[float, ...], str]]] = {}
+    for element, coords in zip(lines[2::2], lines[3::2]):
+        try:
+            key = tuple(float(v) for v in coords.split())
+        except ValueError:
+            return text
+        if len(key) != 3:
+            return text
+        groups.setdefault(element, []).append((key, coords))
+    body = [line for element, sites in groups.items()
+            for _, coords in sorted(sites, key=lambda site: site[0]) for line in (element, coords)]
+    return "\n".join(lines[:2] + body)
+
+
 def _floats(line: str, lineno: int, what: str) -> tuple[list[float] | None, ParseResult | None]:
     tokens = line.split()
     if len(tokens) != 3:

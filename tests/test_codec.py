@@ -33,6 +33,25 @@ def test_round_trip_matches(structures):
         assert matcher.fit(parsed.structure, s), name
 
 
+def test_sorted_sites_is_a_canonical_order_of_the_same_crystal(structures):
+    """Elements grouped in order of first appearance, (x, y, z) increasing within each; same sites; any order
+    of each element's sites gives the same text; what does not parse as lattice + site pairs comes back unchanged."""
+    text = "4.0 4.0 4.0\n90 90 90\nO\n0.50 0.10 0.00\nNa\n0.90 0.00 0.00\nO\n0.50 0.00 0.90\nO\n0.10 0.90 0.90\nNa\n0.00 0.50 0.50"
+    assert codec.sorted_sites(text) == ("4.0 4.0 4.0\n90 90 90\nO\n0.10 0.90 0.90\nO\n0.50 0.00 0.90\nO\n0.50 0.10 0.00"
+                                        "\nNa\n0.00 0.50 0.50\nNa\n0.90 0.00 0.00")
+    rng = np.random.default_rng(0)
+    for s in structures.values():
+        canonical = codec.sorted_sites(codec.encode_structure(s))
+        first = {el: i for i, el in reversed(list(enumerate(site.specie.symbol for site in s)))}
+        permuted = sorted(codec.permute_sites(s, rng), key=lambda site: first[site.specie.symbol])
+        shuffled = codec.encode_structure(Structure.from_sites(permuted))
+        assert codec.sorted_sites(shuffled) == canonical and codec.sorted_sites(canonical) == canonical
+        a, b = codec.parse_crystal(canonical).structure, codec.parse_crystal(shuffled).structure
+        assert sorted(map(str, a)) == sorted(map(str, b))
+    for bad in ("4.0 4.0 4.0\n90 90 90\nNa", "4.0 4.0 4.0\n90 90 90\nNa\n0.1 x 0.2", "a\nb\nNa\n0.1 0.2"):
+        assert codec.sorted_sites(bad) == bad
+
+
 def test_sites_keep_their_order(structures):
     s = structures["LiFePO4-like"]
     parsed = codec.parse_crystal(codec.encode_structure(s)).structure

@@ -282,3 +282,43 @@ def test_shipped_whole_model_is_its_delta_from_the_base(records, tmp_path):
     ids = tokenizer(codec.unconditional_prompt() + "3.5 3.5 3.5\n90 90 90\nNa\n", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.allclose(rebuilt(ids).logits, original(ids).logits, atol=2e-2)
+
+
+def test_warm_start_from_a_whole_model_run_in_sorted_site_order(records, full_run, tmp_path):
+    """train.init copies a finished whole-model run's weights into the base before training (the run records
+    which, by fingerprint); data.site_order = "sorted" puts every crystal completion, translated or not, in
+    codec.sorted_sites order. A LoRA run or a run of another shape is refused by name."""
+    from crystal_cli.bases import resolve_base
+    from crystal_cli.finetune.trainer import _load_init
+    from crystal_cli.models import load_base, model_fingerprint
+
+    first = tmp_path / "first"
+    finetune(config_for(records, first, **{"base": "tiny", "train.method": "full", "train.max_steps": 2}), first)
+    base, tokenizer = load_base(resolve_base("tiny"), "cpu", torch.float32)
+    recorded = _load_init(base, str(first))
+    trained, _ = load_trained(first)
+    assert recorded == {"init": str(first.resolve()), "init_fingerprint": model_fingerprint(first)}
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), trained.state_dict().values()))
+
+    second = tmp_path / "second"
+    finetune(config_for(records, second, **{"base": "tiny", "train.method": "full", "train.max_steps": 2,
+                                            "train.init": str(first), "data.site_order": "sorted"}), second)
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["counts"]["init_fingerprint"] == recorded["init_fingerprint"]
+    first_rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    second_rows = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert second_rows[0]["val_loss"] < first_rows[0]["val_loss"]  # it starts where the first run ended
+
+    val = read_records(records / "val.jsonl")[:6]
+    examples, _ = make_examples(tokenizer, val, 4096, "sorted")
+    assert [e.completion for e in examples] == [codec.sorted_sites(r["completion"]) for r in val]
+    assert any(e.completion != r["completion"] for e, r in zip(examples, val))  # the order did change
+    moved = translated(examples[0], tokenizer, np.random.default_rng(3), "sorted")
+    assert moved.completion == codec.sorted_sites(moved.completion) != examples[0].completion
+
+    lora_run, _ = full_run
+    cut = tmp_path / "cut"
+    finetune(config_for(records, cut, **{"base": "tiny:2", "train.method": "full", "train.max_steps": 1}), cut)
+    for source, reason in ((lora_run, "a LoRA run"), (cut, "do not fit the base"), (tmp_path, "not a finetune run")):
+        with pytest.raises(CrystalError, match=reason):
+            _load_init(load_base(resolve_base("tiny"), "cpu", torch.float32)[0], str(source))

@@ -32,6 +32,9 @@ class DataSection:
     tasks: list[str] = field(default_factory=list)  # keep only these tasks; empty = all
     max_length: int = 512  # longer examples are skipped and counted, never truncated
     translate: float = 0.0  # probability of a random translation each time a crystal is drawn
+    # Order of a crystal completion's sites: "as-given" (the records'; runs made before this key) or "sorted"
+    # (grouped by element, increasing (x, y, z) within each: codec.sorted_sites), applied after translation.
+    site_order: str = "as-given"
     max_train_records: int = 0  # 0 = all
     val_records: int = 256  # val examples scored at each evaluation; 0 = no evaluation
 
@@ -56,10 +59,14 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     threads: int = 0  # CPU threads for torch; 0 = torch's default (use 1 on a busy shared host)
+    compile: bool = False  # torch.compile the decoder (inductor, dynamic shapes): a one-time compile, faster steps
     method: str = "lora"  # lora: train a LoRA adapter on the frozen base | full: train every weight
     # Softmax of the loss over: "full" vocabulary (runs made before this key existed) or "crystal": the
     # tokens the sampling grammar can ever emit plus every completion token of the data (model.crystal_vocab).
     loss_vocab: str = "full"
+    # Start from the weights of a finished whole-model run (a run directory or a shipped name, e.g. "default")
+    # instead of the base's; the architecture must be the base's. "" = the base's own weights.
+    init: str = ""
 
 
 @dataclass
@@ -70,10 +77,10 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
 
-RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.threads", "train.eval_every",
+RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.threads", "train.compile", "train.eval_every",
                       "train.checkpoint_every", "train.log_every", "train.keep_checkpoints"}
 CHOICES = {"train.precision": ("auto", "fp32", "bf16"), "train.method": ("lora", "full"),
-           "train.loss_vocab": ("full", "crystal")}
+           "train.loss_vocab": ("full", "crystal"), "data.site_order": ("as-given", "sorted")}
 CONFIG_FILE = "config.json"
 
 

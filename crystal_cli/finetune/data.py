@@ -1,6 +1,6 @@
 """Training data of `crystal finetune`: records read from a `crystal encode` directory, tokenized into
-examples, batched by length (a pure function of seed and epoch, so a resumed run replays the same batches)
-and randomly translated each time a crystal is drawn."""
+examples (crystal completions in the run's site order), batched by length (a pure function of seed and
+epoch, so a resumed run replays the same batches) and randomly translated each time a crystal is drawn."""
 
 from __future__ import annotations
 
@@ -71,16 +71,24 @@ def tokenize_completion(tokenizer, completion: str) -> list[int]:
     return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def make_examples(tokenizer, records: list[dict], max_length: int) -> tuple[list[Example], int]:
-    """Tokenized examples (prompt as the model sees it at generation, completion + EOS) and the too-long count."""
+def ordered(completion: str, crystal: bool, site_order: str) -> str:
+    return codec.sorted_sites(completion) if crystal and site_order == "sorted" else completion
+
+
+def make_examples(
+    tokenizer, records: list[dict], max_length: int, site_order: str = "as-given"
+) -> tuple[list[Example], int]:
+    """Tokenized examples (prompt as the model sees it at generation, completion + EOS, crystal completions
+    in `site_order`) and the too-long count."""
     if not records:
         return [], 0
+    crystal = [r.get("task") not in NON_CRYSTAL_TASKS for r in records]
+    texts = [ordered(r["completion"], c, site_order) for r, c in zip(records, crystal)]
     prompts = tokenizer([r["prompt"] for r in records])["input_ids"]
-    completions = tokenizer([r["completion"] for r in records], add_special_tokens=False)["input_ids"]
+    completions = tokenizer(texts, add_special_tokens=False)["input_ids"]
     examples, too_long = [], 0
-    for record, prompt_ids, completion_ids in zip(records, prompts, completions):
-        example = Example(prompt_ids, record["completion"], completion_ids + [tokenizer.eos_token_id],
-                          record.get("task") not in NON_CRYSTAL_TASKS)
+    for text, is_crystal, prompt_ids, completion_ids in zip(texts, crystal, prompts, completions):
+        example = Example(prompt_ids, text, completion_ids + [tokenizer.eos_token_id], is_crystal)
         if example.length > max_length:
             too_long += 1
         else:
@@ -88,12 +96,13 @@ def make_examples(tokenizer, records: list[dict], max_length: int) -> tuple[list
     return examples, too_long
 
 
-def translated(example: Example, tokenizer, rng: np.random.Generator) -> Example:
-    """The same example with its crystal shifted by a random fractional translation (unparseable: unchanged)."""
+def translated(example: Example, tokenizer, rng: np.random.Generator, site_order: str = "as-given") -> Example:
+    """The same example with its crystal shifted by a random fractional translation, its sites then put in
+    `site_order` (unparseable: unchanged)."""
     parsed = codec.parse_crystal(example.completion)
     if not parsed.ok:
         return example
-    text = codec.encode_structure(codec.translate(parsed.structure, rng))
+    text = ordered(codec.encode_structure(codec.translate(parsed.structure, rng)), True, site_order)
     return dataclasses.replace(example, completion=text, completion_ids=tokenize_completion(tokenizer, text))
 
 

@@ -128,6 +128,33 @@ def finetune(
         return _Trainer(config, Path(run_dir), rank, world, local_rank).run(resume, on_event or (lambda event: None))
 
 
+def _load_init(base, spec: str) -> dict:
+    """Copy a finished whole-model run's weights (train.init: a run directory or a shipped name) into the
+    freshly loaded base, whose architecture they must fit; returns what summary.json records of it."""
+    from safetensors.torch import load_file
+
+    from crystal_cli.models import is_run_dir, load_run, model_fingerprint, resolve_model
+
+    source = resolve_model(spec)
+    if not is_run_dir(source):
+        raise CrystalError(f"train.init {spec!r}: not a finetune run directory nor a shipped model")
+    info = load_run(source)
+    if info.adapter_dir is not None:
+        raise CrystalError(f"train.init {spec!r}: a LoRA run; init takes a whole-model run (train.method = full)")
+    weights = {}
+    for path in sorted(info.base_dir.glob("*.safetensors")):
+        weights |= load_file(path)
+    try:
+        missing, unexpected = base.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise CrystalError(f"train.init {spec!r}: its weights do not fit the base ({str(exc).splitlines()[1].strip()})") from None
+    tied = {"lm_head.weight"} if base.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise CrystalError(f"train.init {spec!r}: its weights do not fit the base "
+                           f"({len(set(missing) - tied)} missing, {len(unexpected)} unexpected tensors)")
+    return {"init": str(Path(source).resolve()), "init_fingerprint": model_fingerprint(source)}
+
+
 class _Trainer:
     def __init__(self, config: RunConfig, run_dir: Path, rank: int, world: int, local_rank: int):
         from crystal_cli.bases import resolve_base
@@ -144,11 +171,14 @@ class _Trainer:
             torch.set_num_threads(train.threads)
         torch.manual_seed(train.seed + rank)
         base, self.tokenizer = load_base(self.base_dir, self.device, weights_dtype)
+        init = _load_init(base, train.init) if train.init else {}
         self.model, self.net = trainable(config, base, weights_dtype)
-        self.train_examples, too_long = make_examples(self.tokenizer, train_records, data.max_length)
+        if train.compile:  # in place: parameter names, checkpoints and saved weights stay as without it
+            self.net.get_decoder().compile(dynamic=True)
+        self.train_examples, too_long = make_examples(self.tokenizer, train_records, data.max_length, data.site_order)
         if not self.train_examples:
             raise CrystalError(f"{records_dir}: every train example is longer than data.max_length={data.max_length}")
-        val_fitting, val_too_long = make_examples(self.tokenizer, val_records, data.max_length)
+        val_fitting, val_too_long = make_examples(self.tokenizer, val_records, data.max_length, data.site_order)
         val_pick = np.random.default_rng([train.seed, 7]).permutation(len(val_fitting))[: data.val_records]
         self.val_examples = [val_fitting[i] for i in sorted(val_pick)]
         self.loss_vocab = None
@@ -166,7 +196,7 @@ class _Trainer:
                        "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                        "loss_vocab_size": len(self.loss_vocab.ids) if self.loss_vocab is not None
                        else base.get_output_embeddings().weight.shape[0],
-                       "world_size": world}
+                       "world_size": world} | init
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=train.learning_rate,
                                            weight_decay=train.weight_decay)
@@ -197,7 +227,7 @@ class _Trainer:
             example = self.train_examples[i]
             rng = np.random.default_rng([train.seed, 11, epoch, i])
             if example.crystal and self.config.data.translate > 0 and rng.random() < self.config.data.translate:
-                example = translated(example, self.tokenizer, rng)
+                example = translated(example, self.tokenizer, rng, self.config.data.site_order)
             examples.append(example)
         return examples
 
