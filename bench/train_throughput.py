@@ -9,7 +9,7 @@ warm-up steps, then times N optimizer steps of the loss `crystal finetune` compu
 * + crystal vocab: the softmax over the grammar's crystal tokens only (train.loss_vocab = "crystal")
 * + bf16:       bf16 autocast, only where the CPU multiplies bf16 natively (avx512_bf16 / AMX)
 * + bf16 weights: the frozen base held in bf16 (no cast of every weight at every step; LoRA stays fp32)
-* + compile:    the decoder compiled by torch.compile (inductor, dynamic shapes: train.compile = true)
+* + compile:    the decoder compiled by torch.compile (inductor, dynamic shapes; measured slower, not in finetune)
 * + 1 thread:   the same on one torch thread (a second process would take the other core)
 * candidate models at the best setting: SmolLM2-135M cut to its first 12 layers (LoRA and full), and a
   Llama trained from scratch (scratch-384x8), all with SmolLM2's tokenizer.

@@ -246,7 +246,7 @@ def finetune(
     rows = [("steps", str(result.steps)), ("train loss (last step)", f"{result.train_loss:.4f}" if result.train_loss else "-"),
             ("val loss (start → end)", val), ("tokens", f"{result.tokens:,}"),
             ("tokens/s", f"{result.tokens / max(result.wall_s, 1e-9):,.0f}"), ("wall", f"{result.wall_s:.0f} s")]
-    rows += [(k.replace("_", " "), f"{v:,}") for k, v in result.counts.items()]
+    rows += [(k.replace("_", " "), f"{v:,}" if isinstance(v, int) else str(v)) for k, v in result.counts.items()]
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -300,9 +300,12 @@ def test_warm_start_from_a_whole_model_run_in_sorted_site_order(records, full_ru
     assert recorded == {"init": str(first.resolve()), "init_fingerprint": model_fingerprint(first)}
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), trained.state_dict().values()))
 
-    second = tmp_path / "second"
-    finetune(config_for(records, second, **{"base": "tiny", "train.method": "full", "train.max_steps": 2,
-                                            "train.init": str(first), "data.site_order": "sorted"}), second)
+    second = tmp_path / "second"  # through the CLI: its summary table prints the init's path and fingerprint
+    result = runner.invoke(app, ["finetune", "--recipe", str(REPO / "training" / "tiny-test.toml"), "--data", str(records),
+                                 "-o", str(second), "--steps", "2", "--set", "train.method=full", "--set",
+                                 f"train.init={first}", "--set", "data.site_order=sorted", "--set", "data.max_length=160",
+                                 "--set", "data.val_records=12", "--set", "train.threads=1"])
+    assert result.exit_code == 0, result.output
     summary = json.loads((second / "summary.json").read_text())
     assert summary["counts"]["init_fingerprint"] == recorded["init_fingerprint"]
     first_rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]

@@ -59,7 +59,6 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     threads: int = 0  # CPU threads for torch; 0 = torch's default (use 1 on a busy shared host)
-    compile: bool = False  # torch.compile the decoder (inductor, dynamic shapes): a one-time compile, faster steps
     method: str = "lora"  # lora: train a LoRA adapter on the frozen base | full: train every weight
     # Softmax of the loss over: "full" vocabulary (runs made before this key existed) or "crystal": the
     # tokens the sampling grammar can ever emit plus every completion token of the data (model.crystal_vocab).
@@ -77,7 +76,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
 
-RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.threads", "train.compile", "train.eval_every",
+RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.threads", "train.eval_every",
                       "train.checkpoint_every", "train.log_every", "train.keep_checkpoints"}
 CHOICES = {"train.precision": ("auto", "fp32", "bf16"), "train.method": ("lora", "full"),
            "train.loss_vocab": ("full", "crystal"), "data.site_order": ("as-given", "sorted")}

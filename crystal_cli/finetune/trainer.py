@@ -173,8 +173,6 @@ class _Trainer:
         base, self.tokenizer = load_base(self.base_dir, self.device, weights_dtype)
         init = _load_init(base, train.init) if train.init else {}
         self.model, self.net = trainable(config, base, weights_dtype)
-        if train.compile:  # in place: parameter names, checkpoints and saved weights stay as without it
-            self.net.get_decoder().compile(dynamic=True)
         self.train_examples, too_long = make_examples(self.tokenizer, train_records, data.max_length, data.site_order)
         if not self.train_examples:
             raise CrystalError(f"{records_dir}: every train example is longer than data.max_length={data.max_length}")
