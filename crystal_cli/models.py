@@ -27,6 +27,16 @@ MODEL_DIR = "model"
 DELTA = "crystal-delta.safetensors"
 
 
+def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers directory, its *.safetensors shards merged (on the CPU, as stored)."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        weights |= load_file(path)
+    return weights
+
+
 def load_base(base_dir: Path, device, dtype):
     """(model, tokenizer) of a transformers directory; pad = eos so no token is ever added."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,9 +96,7 @@ def _materialized(whole: Path, base_spec: str) -> Path:
         from safetensors.torch import load_file, save_file
 
         base = resolve_base(base_spec)
-        weights = {}
-        for path in sorted(base.glob("*.safetensors")):
-            weights |= load_file(path)
+        weights = read_weights(base)
         delta = load_file(whole / DELTA)
         for name, tensor in delta.items():
             if name.endswith(".rows"):

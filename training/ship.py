@@ -52,18 +52,14 @@ def ship_whole(run: Path, target: Path) -> None:
     """A whole-model run: config.json as for LoRA runs; model/ with the tokenizer, the model config and
     crystal-delta.safetensors, the float16 tensors that differ from the base (an embedding as its changed
     rows), which crystal_cli.models rebuilds on top of the re-resolved base on first use."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from crystal_cli.bases import resolve_base
-    from crystal_cli.models import DELTA
+    from crystal_cli.models import DELTA, read_weights
 
     config = _write_config(run, target)
-    base = {}
-    for path in sorted(resolve_base(config["base_spec"]).glob("*.safetensors")):
-        base |= load_file(path)
-    trained = {}
-    for path in sorted((run / "model").glob("*.safetensors")):
-        trained |= load_file(path)
+    base = read_weights(resolve_base(config["base_spec"]))
+    trained = read_weights(run / "model")
     delta = {}
     for name, tensor in trained.items():
         before = base.get(name)

@@ -131,9 +131,7 @@ def finetune(
 def _load_init(base, spec: str) -> dict:
     """Copy a finished whole-model run's weights (train.init: a run directory or a shipped name) into the
     freshly loaded base, whose architecture they must fit; returns what summary.json records of it."""
-    from safetensors.torch import load_file
-
-    from crystal_cli.models import is_run_dir, load_run, model_fingerprint, resolve_model
+    from crystal_cli.models import is_run_dir, load_run, model_fingerprint, read_weights, resolve_model
 
     source = resolve_model(spec)
     if not is_run_dir(source):
@@ -141,11 +139,8 @@ def _load_init(base, spec: str) -> dict:
     info = load_run(source)
     if info.adapter_dir is not None:
         raise CrystalError(f"train.init {spec!r}: a LoRA run; init takes a whole-model run (train.method = full)")
-    weights = {}
-    for path in sorted(info.base_dir.glob("*.safetensors")):
-        weights |= load_file(path)
     try:
-        missing, unexpected = base.load_state_dict(weights, strict=False)
+        missing, unexpected = base.load_state_dict(read_weights(info.base_dir), strict=False)
     except RuntimeError as exc:
         raise CrystalError(f"train.init {spec!r}: its weights do not fit the base ({str(exc).splitlines()[1].strip()})") from None
     tied = {"lm_head.weight"} if base.config.tie_word_embeddings else set()

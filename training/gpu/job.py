@@ -390,17 +390,11 @@ class Job:
     def check_rebuild(self, shipped: Path) -> None:
         """The shipped delta on the base rebuilds the trained weights (to float16 rounding)."""
         import torch
-        from safetensors.torch import load_file
 
-        from crystal_cli.models import load_run
+        from crystal_cli.models import load_run, read_weights
 
-        rebuilt_dir = load_run(shipped).base_dir  # materialises base + delta in $CRYSTAL_CACHE
-        rebuilt = {}
-        for path in sorted(rebuilt_dir.glob("*.safetensors")):
-            rebuilt |= load_file(path)
-        trained = {}
-        for path in sorted((self.run_dir / "model").glob("*.safetensors")):
-            trained |= load_file(path)
+        rebuilt = read_weights(load_run(shipped).base_dir)  # materialises base + delta in $CRYSTAL_CACHE
+        trained = read_weights(self.run_dir / "model")
         if set(rebuilt) != set(trained):
             raise JobError(f"rebuilt weights have other tensors than the trained ones: {sorted(set(rebuilt) ^ set(trained))[:5]}")
         worst = 0.0
