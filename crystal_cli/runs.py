@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,6 +48,26 @@ _NOT_CONTENT = ("README.md", "metrics.jsonl", "summary.json", MANIFEST_NAME)
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) while one unit of output is written, e.g. a sample's sidecar row and its CIF
+    block, and deliver it right after: an interrupted run's files then always agree with each other. Signals
+    are handled on the main thread only; elsewhere (a library caller's worker thread) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[object] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])
+        elif caught and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 @contextmanager

@@ -402,7 +402,8 @@ def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummar
             try:
                 for finished in backend.run(prompt, jobs):
                     row, structure = _row(finished, f"{stem}-{finished.index:05d}", prompt, provenance)
-                    _record(summary, log, appender, row, structure, started, on_sample)
+                    with runs.interrupts_deferred():  # a row and its structure record, or neither
+                        _record(summary, log, appender, row, structure, started, on_sample)
             finally:
                 if appender is not None:
                     appender.close()
