@@ -321,7 +321,37 @@ def test_warm_start_from_a_whole_model_run_in_sorted_site_order(records, full_ru
 
     lora_run, _ = full_run
     cut = tmp_path / "cut"
-    finetune(config_for(records, cut, **{"base": "tiny:2", "train.method": "full", "train.max_steps": 1}), cut)
+    finetune(config_for(records, cut, **{"base": "tiny:3", "train.method": "full", "train.max_steps": 1}), cut)
     for source, reason in ((lora_run, "a LoRA run"), (cut, "do not fit the base"), (tmp_path, "not a finetune run")):
         with pytest.raises(CrystalError, match=reason):
             _load_init(load_base(resolve_base("tiny"), "cpu", torch.float32)[0], str(source))
+
+
+def test_warm_start_deepens_a_shallower_run_without_changing_what_it_computes(records, tmp_path):
+    """A base with k times the init's layers takes it grown (trainer.grown_depth): each layer followed by
+    copies whose output projections are zero, so the 4-layer model's logits are the 2-layer run's exactly and
+    its first val loss is the init's last; the copies then train (their projections leave zero)."""
+    from crystal_cli.bases import resolve_base
+    from crystal_cli.finetune.trainer import _load_init
+    from crystal_cli.models import load_base
+
+    shallow = tmp_path / "shallow"
+    finetune(config_for(records, shallow, **{"base": "tiny:2", "train.method": "full", "train.max_steps": 3}), shallow)
+    deep, tokenizer = load_base(resolve_base("tiny"), "cpu", torch.float32)
+    assert _load_init(deep, str(shallow))["init_growth"] == "2 -> 4 layers"
+    trained, _ = load_trained(shallow)
+    ids = tokenizer(codec.unconditional_prompt() + "3.5 3.5 3.5\n90 90 90\nNa\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(deep(ids).logits, trained(ids).logits, atol=1e-5)
+    assert not deep.model.layers[1].mlp.down_proj.weight.any()
+    assert torch.equal(deep.model.layers[1].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight)
+
+    grown = tmp_path / "grown"
+    finetune(config_for(records, grown, **{"base": "tiny", "train.method": "full", "train.max_steps": 2,
+                                           "train.init": str(shallow)}), grown)
+    shallow_rows = [json.loads(line) for line in (shallow / "metrics.jsonl").read_text().splitlines()]
+    grown_rows = [json.loads(line) for line in (grown / "metrics.jsonl").read_text().splitlines()]
+    shallow_val = [r["val_loss"] for r in shallow_rows if "val_loss" in r]
+    assert grown_rows[0]["val_loss"] == pytest.approx(shallow_val[-1], abs=1e-4)
+    assert json.loads((grown / "summary.json").read_text())["counts"]["init_growth"] == "2 -> 4 layers"
+    assert load_trained(grown)[0].model.layers[1].mlp.down_proj.weight.any()

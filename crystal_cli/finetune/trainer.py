@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -128,9 +129,32 @@ def finetune(
         return _Trainer(config, Path(run_dir), rank, world, local_rank).run(resume, on_event or (lambda event: None))
 
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_BLOCK_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def grown_depth(weights: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """A Llama's weights deepened to `layers` layers: each of its L layers followed by layers/L − 1 copies of
+    itself whose attention and MLP output projections are zero, so every added block adds nothing to the
+    residual stream and the deeper model computes exactly what the init did (function-preserving growth, as
+    Net2Net's identity layers). The copies' other weights are the trained ones, not noise: once the zeroed
+    projections move, the new blocks start from features the init already computes."""
+    have = 1 + max(int(m[1]) for key in weights if (m := _LAYER.fullmatch(key)))
+    if layers % have:
+        raise ValueError(f"{layers} layers is not a multiple of {have}")
+    grown = {key: value for key, value in weights.items() if not _LAYER.fullmatch(key)}
+    for key, value in weights.items():
+        if m := _LAYER.fullmatch(key):
+            for copy in range(layers // have):
+                tensor = torch.zeros_like(value) if copy and m[2] in _BLOCK_OUTPUTS else value.clone()
+                grown[f"model.layers.{int(m[1]) * (layers // have) + copy}.{m[2]}"] = tensor
+    return grown
+
+
 def _load_init(base, spec: str) -> dict:
     """Copy a finished whole-model run's weights (train.init: a run directory or a shipped name) into the
-    freshly loaded base, whose architecture they must fit; returns what summary.json records of it."""
+    freshly loaded base, whose architecture they must fit, or fit once deepened (a base with k times the
+    init's layers and otherwise its shape: `grown_depth`); returns what summary.json records of it."""
     from crystal_cli.models import is_run_dir, load_run, model_fingerprint, read_weights, resolve_model
 
     source = resolve_model(spec)
@@ -139,15 +163,20 @@ def _load_init(base, spec: str) -> dict:
     info = load_run(source)
     if info.adapter_dir is not None:
         raise CrystalError(f"train.init {spec!r}: a LoRA run; init takes a whole-model run (train.method = full)")
+    weights, growth = read_weights(info.base_dir), {}
+    have = 1 + max((int(m[1]) for key in weights if (m := _LAYER.fullmatch(key))), default=-1)
+    want = base.config.num_hidden_layers
+    if 0 < have < want and want % have == 0:
+        weights, growth = grown_depth(weights, want), {"init_growth": f"{have} -> {want} layers"}
     try:
-        missing, unexpected = base.load_state_dict(read_weights(info.base_dir), strict=False)
+        missing, unexpected = base.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
         raise CrystalError(f"train.init {spec!r}: its weights do not fit the base ({str(exc).splitlines()[1].strip()})") from None
     tied = {"lm_head.weight"} if base.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise CrystalError(f"train.init {spec!r}: its weights do not fit the base "
                            f"({len(set(missing) - tied)} missing, {len(unexpected)} unexpected tensors)")
-    return {"init": str(Path(source).resolve()), "init_fingerprint": model_fingerprint(source)}
+    return {"init": str(Path(source).resolve()), "init_fingerprint": model_fingerprint(source)} | growth
 
 
 class _Trainer:
