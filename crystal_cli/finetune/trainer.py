@@ -133,21 +133,20 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _BLOCK_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
-def grown_depth(weights: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    """A Llama's weights deepened to `layers` layers: each of its L layers followed by layers/L − 1 copies of
-    itself whose attention and MLP output projections are zero, so every added block adds nothing to the
-    residual stream and the deeper model computes exactly what the init did (function-preserving growth, as
-    Net2Net's identity layers). The copies' other weights are the trained ones, not noise: once the zeroed
-    projections move, the new blocks start from features the init already computes."""
-    have = 1 + max(int(m[1]) for key in weights if (m := _LAYER.fullmatch(key)))
-    if layers % have:
-        raise ValueError(f"{layers} layers is not a multiple of {have}")
-    grown = {key: value for key, value in weights.items() if not _LAYER.fullmatch(key)}
+def grown_depth(weights: dict[str, torch.Tensor], factor: int) -> dict[str, torch.Tensor]:
+    """A Llama's weights deepened `factor` times: each of its layers followed by factor − 1 copies of itself
+    whose attention and MLP output projections are zero, so every added block adds nothing to the residual
+    stream and the deeper model computes exactly what the init did (function-preserving growth, as Net2Net's
+    identity layers). The copies' other weights are the trained ones, not noise: once the zeroed projections
+    move, the new blocks start from features the init already computes."""
+    grown = {}
     for key, value in weights.items():
-        if m := _LAYER.fullmatch(key):
-            for copy in range(layers // have):
-                tensor = torch.zeros_like(value) if copy and m[2] in _BLOCK_OUTPUTS else value.clone()
-                grown[f"model.layers.{int(m[1]) * (layers // have) + copy}.{m[2]}"] = tensor
+        if not (m := _LAYER.fullmatch(key)):
+            grown[key] = value
+            continue
+        for copy in range(factor):
+            tensor = torch.zeros_like(value) if copy and m[2] in _BLOCK_OUTPUTS else value.clone()
+            grown[f"model.layers.{int(m[1]) * factor + copy}.{m[2]}"] = tensor
     return grown
 
 
@@ -164,10 +163,10 @@ def _load_init(base, spec: str) -> dict:
     if info.adapter_dir is not None:
         raise CrystalError(f"train.init {spec!r}: a LoRA run; init takes a whole-model run (train.method = full)")
     weights, growth = read_weights(info.base_dir), {}
-    have = 1 + max((int(m[1]) for key in weights if (m := _LAYER.fullmatch(key))), default=-1)
+    have = json.loads((info.base_dir / "config.json").read_text()).get("num_hidden_layers", 0)
     want = base.config.num_hidden_layers
     if 0 < have < want and want % have == 0:
-        weights, growth = grown_depth(weights, want), {"init_growth": f"{have} -> {want} layers"}
+        weights, growth = grown_depth(weights, want // have), {"init_growth": f"{have} -> {want} layers"}
     try:
         missing, unexpected = base.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
