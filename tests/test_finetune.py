@@ -18,8 +18,9 @@ from crystal_cli.cli import app
 from crystal_cli.encode import EncodeOptions, encode
 from crystal_cli.errors import CrystalError
 from crystal_cli.finetune import finetune, load_recipe, resolve_config
-from crystal_cli.finetune.data import Example, collate, epoch_batches, make_examples, read_records, translated
-from crystal_cli.finetune.model import completion_nll
+from crystal_cli.finetune.data import (Example, OverlapDigits, collate, epoch_batches, make_examples, read_records,
+                                       translated, with_overlaps)
+from crystal_cli.finetune.model import LossVocab, completion_losses, completion_nll, crystal_vocab
 from crystal_cli.recipes import parse_override
 from crystal_cli.models import load_run, load_trained
 from tests.conftest import REPO, shared, simple_structures, write_cdvae_csv
@@ -204,6 +205,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, records):
     recipe.write_text("learning_rate = 1\n")
     cases.append((["--data", str(records), "--recipe", str(recipe)], "unknown key 'learning_rate'"))
     cases.append((["--data", str(records), "--base", "tiny", "--set", "train.precision=fp16"], "must be one of"))
+    cases.append((["--data", str(records), "--base", "tiny", "--set", "train.overlap_unlikelihood=-1.0"],
+                  "train.overlap_unlikelihood must be a finite weight >= 0"))
     for i, (args, message) in enumerate(cases):
         result = runner.invoke(app, ["finetune", "-o", str(tmp_path / f"run{i}"), *args])
         assert result.exit_code == 2, (args, result.output)
@@ -355,3 +358,40 @@ def test_warm_start_deepens_a_shallower_run_without_changing_what_it_computes(re
     assert grown_rows[0]["val_loss"] == pytest.approx(shallow_val[-1], abs=1e-4)
     assert json.loads((grown / "summary.json").read_text())["counts"]["init_growth"] == "2 -> 4 layers"
     assert load_trained(grown)[0].model.layers[1].mlp.down_proj.weight.any()
+
+
+def test_overlap_marks_exactly_the_digits_that_stack_two_atoms_and_the_unlikelihood_lowers_their_mass(full_run, records):
+    """A 4 Å cube with a site at (½, ½, ½): writing a second site at (½, ½, z), the first z digits 4 and 5
+    put it within 0.5 Å (|Δz| < 0.125) of the first one, 3 and 6 still leave free positions (0.30-0.37,
+    0.63-0.69). The mark is the distance guard's; the true digit is never marked. Then the unlikelihood
+    term alone, a few steps on a whole tiny model, moves probability off the marked digits."""
+    run, _ = full_run
+    model, tokenizer = load_trained(run)
+    digits = OverlapDigits.of(tokenizer)
+    text = "4.0 4.0 4.0\n90 90 90\nNa\n0.50 0.50 0.50\nCl\n0.50 0.50 0.00"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    marked = with_overlaps(Example(tokenizer(codec.unconditional_prompt())["input_ids"], text, ids, True), digits)
+    rows = np.flatnonzero(marked.avoid.any(axis=1))
+    assert len(rows) == 1 and tokenizer.decode(ids[: rows[0]]).endswith("Cl\n0.50 0.50 0.")
+    assert np.flatnonzero(marked.avoid[rows[0]]).tolist() == [4, 5] and tokenizer.decode(ids[rows[0]]) == "0"
+    assert with_overlaps(Example([1], "Na", [2, 3], False), digits).avoid is None  # not a crystal: nothing
+
+    examples = [with_overlaps(e, digits) for e in make_examples(tokenizer, read_records(records / "train.jsonl"), 160)[0]]
+    examples = [e for e in examples if e.avoid is not None][:4] + [marked]
+    batch = collate(examples, tokenizer.pad_token_id, len(digits.ids))
+    vocab = LossVocab.of(crystal_vocab(tokenizer, examples), len(tokenizer), "cpu")
+    digit_ids = torch.from_numpy(digits.ids)
+    nll, _, mass = completion_losses(model, batch, vocab, digit_ids)
+    plain, _ = completion_nll(model, collate(examples, tokenizer.pad_token_id), vocab)
+    assert torch.allclose(nll, plain) and len(mass) == int(batch["avoid"].any(dim=2).sum()) >= 1
+    model.requires_grad_(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = float(mass.mean())
+    for _ in range(5):
+        _, _, mass = completion_losses(model, batch, vocab, digit_ids)
+        optimizer.zero_grad()
+        (-torch.log1p(-mass)).sum().backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = float(completion_losses(model, batch, vocab, digit_ids)[2].mean())
+    assert after < 0.5 * before, (before, after)

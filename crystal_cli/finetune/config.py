@@ -9,6 +9,7 @@ train.loss_vocab = "full"), so every run directory made so far still resumes.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,9 @@ class TrainSection:
     # Start from the weights of a finished whole-model run (a run directory or a shipped name, e.g. "default")
     # instead of the base's; the architecture must be the base's. "" = the base's own weights.
     init: str = ""
+    # > 0: add this weight times the unlikelihood -log(1 - p) of the digits that would put a site closer than
+    # 0.5 Å to an earlier one (model.completion_losses; the distance guard's mask, learnt instead of imposed)
+    overlap_unlikelihood: float = 0.0
 
 
 @dataclass
@@ -114,6 +118,8 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         raise CrystalError(f"{where}: train.learning_rate must be > 0 and train.min_lr_ratio in [0, 1]")
     if not lora.target_modules:
         raise CrystalError(f"{where}: lora.target_modules is empty")
+    if not (math.isfinite(t.overlap_unlikelihood) and t.overlap_unlikelihood >= 0):
+        raise CrystalError(f"{where}: train.overlap_unlikelihood must be a finite weight >= 0, got {t.overlap_unlikelihood}")
 
 
 def saved_config(run_dir: Path) -> RunConfig:

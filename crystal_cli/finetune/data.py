@@ -1,6 +1,7 @@
 """Training data of `crystal finetune`: records read from a `crystal encode` directory, tokenized into
 examples (crystal completions in the run's site order), batched by length (a pure function of seed and
-epoch, so a resumed run replays the same batches) and randomly translated each time a crystal is drawn."""
+epoch, so a resumed run replays the same batches), randomly translated each time a crystal is drawn and,
+for the overlap unlikelihood, marked with the continuations that would stack two atoms."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from crystal_cli import codec
 from crystal_cli.errors import CrystalError
+from crystal_cli.sampling.guard import MIN_DISTANCE, DistanceGuard, GuardSettings
 
 NON_CRYSTAL_TASKS = frozenset({"infill"})  # tasks whose completion is not a crystal (no translation)
 IGNORE = -100  # label of prompt and padding positions: no loss there
@@ -26,6 +28,9 @@ class Example:
     completion: str
     completion_ids: list[int]  # completion tokens followed by EOS
     crystal: bool  # completion is a crystal: eligible for random translation
+    # train.overlap_unlikelihood: per completion position, the digit tokens (OverlapDigits.ids) that would put
+    # the site being written too close to an earlier one; None: not computed, or no such token anywhere
+    avoid: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -106,6 +111,46 @@ def translated(example: Example, tokenizer, rng: np.random.Generator, site_order
     return dataclasses.replace(example, completion=text, completion_ids=tokenize_completion(tokenizer, text))
 
 
+@dataclass(frozen=True)
+class OverlapDigits:
+    """What marks the overlapping continuations of crystal text: the distance guard (sampling/guard.py, at
+    its minimum distance) on the tokenizer's vocabulary and the ids of the ten digit tokens."""
+
+    guard: DistanceGuard
+    ids: np.ndarray
+
+    @classmethod
+    def of(cls, tokenizer, min_distance: float = MIN_DISTANCE) -> OverlapDigits:
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        ids = np.array([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)], dtype=np.int64)
+        if [pieces[i] for i in ids] != [str(d) for d in range(10)]:
+            raise CrystalError("train.overlap_unlikelihood needs a tokenizer with one token per digit")
+        return cls(DistanceGuard(GuardSettings(min_distance=min_distance), pieces), ids)
+
+
+def with_overlaps(example: Example, digits: OverlapDigits) -> Example:
+    """The example with `avoid` set: at every coordinate digit of its crystal, the digits the distance guard
+    would mask there (each would leave the site no position min_distance from every earlier site, periodic
+    images included), read on the true text so far. Those are the continuations that make a structurally
+    invalid crystal; the real next token is never one of them (a real crystal whose own sites are too close
+    marks nothing at that position)."""
+    if not example.crystal:
+        return example
+    state = digits.guard.new_state()
+    pieces = digits.guard.pieces
+    digit_set = set(digits.ids.tolist())
+    avoid = None
+    for position, token in enumerate(example.completion_ids[:-1]):  # the last one is EOS
+        if token in digit_set and state.line_no > 1 and state.line_no % 2 == 1 and state.occupancy is not None:
+            masked = ~state.allowed(digits.ids)
+            if masked.any() and not masked[digits.ids == token].any():
+                if avoid is None:
+                    avoid = np.zeros((len(example.completion_ids), len(digits.ids)), dtype=bool)
+                avoid[position] = masked
+        state.accept(pieces[token])
+    return dataclasses.replace(example, avoid=avoid)
+
+
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Length-bucketed batches of example indices, a pure function of (seed, epoch): shuffle, sort within
     windows of BUCKET_BATCHES batches (little padding), then shuffle the batch order."""
@@ -119,8 +164,9 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def collate(examples: list[Example], pad_id: int) -> dict:
-    """Right-padded input_ids / attention_mask / labels (prompt and padding ignored by the loss)."""
+def collate(examples: list[Example], pad_id: int, n_digits: int = 0) -> dict:
+    """Right-padded input_ids / attention_mask / labels (prompt and padding ignored by the loss); with
+    `n_digits`, also `avoid` (batch, width, n_digits): each label position's overlapping digits."""
     width = max(e.length for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -130,4 +176,11 @@ def collate(examples: list[Example], pad_id: int) -> dict:
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, len(e.prompt_ids): len(ids)] = torch.tensor(e.completion_ids)
         attention[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if n_digits:
+        avoid = torch.zeros((len(examples), width, n_digits), dtype=torch.bool)
+        for row, e in enumerate(examples):
+            if e.avoid is not None:
+                avoid[row, len(e.prompt_ids): e.length] = torch.from_numpy(e.avoid)
+        batch["avoid"] = avoid
+    return batch

@@ -83,27 +83,51 @@ def completion_nll(model, batch: dict, vocab: LossVocab | None = None) -> tuple[
     `vocab`, only its rows of the lm_head are computed and the softmax is over them alone; every target
     must be in it (crystal_vocab makes sure).
     """
+    nll, rows, _ = completion_losses(model, batch, vocab)
+    return nll, rows
+
+
+def completion_losses(model, batch: dict, vocab: LossVocab | None = None, digit_ids: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """completion_nll, and with `digit_ids` and the batch's `avoid` (data.with_overlaps) the probability mass
+    the model puts on the digits that would stack two atoms, at each position that has any (else empty).
+
+    That mass is what the unlikelihood term -log(1 - mass) (Welleck et al., 2019) pushes down: a model that
+    copies an earlier site's coordinates writes a structurally invalid crystal, and maximum likelihood alone
+    never says so (the true continuation is always a valid one, so those digits only lose mass indirectly).
+    """
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE
     picked, wanted = hidden[:, :-1][mask], targets[mask]
     head = model.get_output_embeddings()
+    columns = digit_ids
     if vocab is None:
         logits = head(picked).float()
     else:
         logits = F.linear(picked, head.weight[vocab.ids]).float()
         wanted = vocab.row[wanted]
+        columns = None if digit_ids is None else vocab.row[digit_ids]
     rows = mask.nonzero()[:, 0]
-    return F.cross_entropy(logits, wanted, reduction="none"), rows
+    nll = F.cross_entropy(logits, wanted, reduction="none")
+    mass = logits.new_zeros(0)
+    if columns is not None and "avoid" in batch:
+        avoid = batch["avoid"][:, 1:][mask]
+        marked = avoid.any(dim=1)
+        if marked.any():
+            probs = logits[marked].log_softmax(dim=-1)[:, columns].exp()
+            mass = (probs * avoid[marked]).sum(dim=1)
+    return nll, rows, mass
 
 
 class CompletionNLL(torch.nn.Module):
-    """completion_nll as a module, so DistributedDataParallel's forward hooks see every training call."""
+    """completion_losses as a module, so DistributedDataParallel's forward hooks see every training call."""
 
-    def __init__(self, model, vocab: LossVocab | None):
+    def __init__(self, model, vocab: LossVocab | None, digit_ids: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.vocab = vocab
+        self.digit_ids = digit_ids
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return completion_nll(self.model, batch, self.vocab)
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return completion_losses(self.model, batch, self.vocab, self.digit_ids)

@@ -35,7 +35,8 @@ import torch
 from crystal_cli import recipes, runs
 from crystal_cli.errors import CrystalError
 from crystal_cli.finetune.config import CONFIG_FILE, RunConfig, saved_form
-from crystal_cli.finetune.data import IGNORE, Example, collate, epoch_batches, load_splits, make_examples, translated
+from crystal_cli.finetune.data import (IGNORE, Example, OverlapDigits, collate, epoch_batches, load_splits, make_examples,
+                                       translated, with_overlaps)
 from crystal_cli.finetune.model import CompletionNLL, LossVocab, completion_nll, crystal_vocab, device_and_dtype, trainable
 from crystal_cli.models import load_base
 
@@ -223,7 +224,9 @@ class _Trainer:
                                            weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: recipes.lr_factor(
             step, train.warmup_steps, self.max_steps, train.min_lr_ratio))
-        self.forward = CompletionNLL(self.net, self.loss_vocab)
+        self.overlaps = OverlapDigits.of(self.tokenizer) if train.overlap_unlikelihood > 0 else None
+        digit_ids = None if self.overlaps is None else torch.from_numpy(self.overlaps.ids).to(self.device)
+        self.forward = CompletionNLL(self.net, self.loss_vocab, digit_ids)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -249,14 +252,18 @@ class _Trainer:
             rng = np.random.default_rng([train.seed, 11, epoch, i])
             if example.crystal and self.config.data.translate > 0 and rng.random() < self.config.data.translate:
                 example = translated(example, self.tokenizer, rng, self.config.data.site_order)
+            if self.overlaps is not None:
+                example = with_overlaps(example, self.overlaps)
             examples.append(example)
         return examples
 
     def _batch(self, examples: list[Example]) -> dict:
-        return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
+        n_digits = 0 if self.overlaps is None else len(self.overlaps.ids)
+        return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id, n_digits).items()}
 
-    def _step(self, step: int) -> tuple[float, int, int]:
-        """One optimizer step: (mean completion loss, completion tokens, input tokens) over all processes."""
+    def _step(self, step: int) -> tuple[float, int, int, float, int]:
+        """One optimizer step over all processes: (mean completion loss, completion tokens, input tokens, and
+        with train.overlap_unlikelihood the summed overlap mass and the positions it was taken at)."""
         train = self.config.train
         per_step = train.grad_accum * self.world
         mine = [self._batch(self._micro_batch(step * per_step + k))
@@ -267,25 +274,26 @@ class _Trainer:
             torch.distributed.all_reduce(counts)
         label_tokens, input_tokens = int(counts[0]), int(counts[1])
         self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64)  # nll, overlap mass, overlap positions
         for k, batch in enumerate(mine):
             sync = self.forward.no_sync() if self.world > 1 and k < len(mine) - 1 else nullcontext()
             with sync, self._autocast():
-                nll, _ = self.forward(batch)
+                nll, _, mass = self.forward(batch)
+                objective = nll.sum()
+                if len(mass):
+                    objective = objective - train.overlap_unlikelihood * torch.log1p(-mass.clamp(max=1 - 1e-6)).sum()
                 # DDP averages gradients over processes; scale so the result is the global token mean.
-                loss = nll.sum() * (self.world / label_tokens)
+                loss = objective * (self.world / label_tokens)
             loss.backward()
-            loss_sum += float(nll.detach().sum())
+            sums += torch.tensor([float(nll.detach().sum()), float(mass.detach().sum()), len(mass)], dtype=torch.float64)
         if train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:
-            total = torch.tensor([float(loss_sum)], dtype=torch.float64)
-            torch.distributed.all_reduce(total)
-            loss_sum = total[0]
-        return float(loss_sum) / label_tokens, label_tokens, input_tokens
+            torch.distributed.all_reduce(sums)
+        return float(sums[0]) / label_tokens, label_tokens, input_tokens, float(sums[1]), int(sums[2])
 
     def _all_agree(self, requested: bool) -> bool:
         """A stop request on any process stops all of them at the same step."""
@@ -406,13 +414,16 @@ class _Trainer:
         started = time.perf_counter() - state["elapsed_s"]
         examples_per_step = train.batch_size * train.grad_accum * self.world
         window_loss, window_labels, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
+        window_mass, window_marked = 0.0, 0
         train_loss = None
         interrupted = False
         try:
             with _Stopper() as stopper:
                 while step < self.max_steps:
                     lr = self.scheduler.get_last_lr()[0]
-                    loss, label_tokens, input_tokens = self._step(step)
+                    loss, label_tokens, input_tokens, mass, marked = self._step(step)
+                    window_mass += mass
+                    window_marked += marked
                     step += 1
                     tokens += input_tokens
                     window_loss += loss * label_tokens
@@ -422,9 +433,13 @@ class _Trainer:
                     speed = window_inputs / max(1e-9, time.perf_counter() - window_start)
                     on_event(StepEvent(step=step, max_steps=self.max_steps, loss=loss, lr=lr, tokens_per_s=speed))
                     if step % train.log_every == 0 or step == self.max_steps:
-                        log({"step": step, "examples": step * examples_per_step, "loss": window_loss / window_labels,
-                             "lr": lr, "tokens_per_s": speed, "tokens": tokens, "elapsed_s": time.perf_counter() - started})
+                        row = {"step": step, "examples": step * examples_per_step, "loss": window_loss / window_labels,
+                               "lr": lr, "tokens_per_s": speed, "tokens": tokens, "elapsed_s": time.perf_counter() - started}
+                        if self.overlaps is not None:  # mean probability of an overlapping digit where one exists
+                            row["overlap_mass"] = window_mass / window_marked if window_marked else None
+                        log(row)
                         window_loss, window_labels, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
+                        window_mass, window_marked = 0.0, 0
                     out_of_time = self._all_agree(
                         train.max_minutes > 0 and time.perf_counter() - started >= 60 * train.max_minutes)
                     last = step == self.max_steps or out_of_time
