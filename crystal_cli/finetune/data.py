@@ -141,7 +141,7 @@ def with_overlaps(example: Example, digits: OverlapDigits) -> Example:
     digit_set = set(digits.ids.tolist())
     avoid = None
     for position, token in enumerate(example.completion_ids[:-1]):  # the last one is EOS
-        if token in digit_set and state.line_no > 1 and state.line_no % 2 == 1 and state.occupancy is not None:
+        if token in digit_set and state.checking:
             masked = ~state.allowed(digits.ids)
             if masked.any() and not masked[digits.ids == token].any():
                 if avoid is None:
