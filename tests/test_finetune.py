@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -395,3 +396,57 @@ def test_overlap_marks_exactly_the_digits_that_stack_two_atoms_and_the_unlikelih
     with torch.no_grad():
         after = float(completion_losses(model, batch, vocab, digit_ids)[2].mean())
     assert after < 0.5 * before, (before, after)
+
+
+def test_own_samples_are_marked_up_to_their_first_stacked_site_and_never_imitated(full_run, records, tmp_path):
+    """data.negatives: a sample the model wrote with Cl on top of Na is marked where the guard would have
+    masked (its own digit 5 included) and not after it; in a batch it adds nothing to the cross-entropy or
+    its token count. Through `crystal finetune` the run reads a generate-style jsonl, counts what it skipped,
+    records the file's fingerprint and logs overlap_mass; a negatives file without the unlikelihood is refused."""
+    from crystal_cli.finetune.data import imitated_tokens, read_negatives
+    from crystal_cli.runs import fingerprint
+
+    run, _ = full_run
+    model, tokenizer = load_trained(run)
+    digits = OverlapDigits.of(tokenizer)
+    prompt = codec.unconditional_prompt()
+    stacked = "4.0 4.0 4.0\n90 90 90\nNa\n0.50 0.50 0.50\nCl\n0.50 0.50 0.50\nCl\n0.50 0.50 0.50"
+    ids = tokenizer(stacked, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    own = with_overlaps(Example(tokenizer(prompt)["input_ids"], stacked, ids, True, imitate=False), digits)
+    rows = np.flatnonzero(own.avoid.any(axis=1))
+    assert len(rows) == 1 and tokenizer.decode(ids[: rows[0]]).endswith("Cl\n0.50 0.50 0.")
+    assert np.flatnonzero(own.avoid[rows[0]]).tolist() == [4, 5] and tokenizer.decode(ids[rows[0]]) == "5"
+    as_truth = with_overlaps(dataclasses.replace(own, imitate=True, avoid=None), digits)
+    assert as_truth.avoid is None or not as_truth.avoid[rows[0]].any()  # true text: its own digit is never marked
+
+    true = [with_overlaps(e, digits) for e in make_examples(tokenizer, read_records(records / "train.jsonl"), 160)[0][:3]]
+    batch = collate(true + [own], tokenizer.pad_token_id, len(digits.ids))
+    vocab = LossVocab.of(crystal_vocab(tokenizer, true + [own]), len(tokenizer), "cpu")
+    nll, _, mass = completion_losses(model, batch, vocab, torch.from_numpy(digits.ids))
+    plain, _ = completion_nll(model, collate(true, tokenizer.pad_token_id), vocab)
+    assert torch.allclose(nll, plain) and imitated_tokens(batch) == len(plain) and len(mass) >= 1
+
+    samples = tmp_path / "own.jsonl"
+    fine = "4.0 4.0 4.0\n90 90 90\nNa\n0.50 0.50 0.50\nCl\n0.00 0.00 0.00"
+    samples.write_text("\n".join([json.dumps({"prompt": prompt, "text": stacked}), "not json",
+                                  json.dumps({"prompt": prompt, "text": "Na"}), json.dumps({"id": 3})]) + "\n")
+    examples, counts = read_negatives(samples, tokenizer, digits, 160)
+    assert len(examples) == 1 and counts == {"negatives_read": 4, "negatives": 1, "negatives_unreadable": 2,
+                                             "negatives_too_long": 0, "negatives_unmarked": 1}
+    neg_run = tmp_path / "neg"
+    finetune(config_for(records, neg_run, **{"train.max_steps": 4, "train.overlap_unlikelihood": 5.0,
+                                             "data.negatives": str(samples), "data.negatives_per_batch": 2}), neg_run)
+    summary = json.loads((neg_run / "summary.json").read_text())
+    assert summary["counts"]["negatives"] == 1 and summary["counts"]["negatives_sha256"] == fingerprint(samples)
+    logged = [json.loads(line) for line in (neg_run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("overlap_mass") for r in logged)
+
+    (tmp_path / "fine.jsonl").write_text(json.dumps({"prompt": prompt, "text": fine}) + "\n")
+    for extra, message in (({"data.negatives": str(samples), "data.negatives_per_batch": 2}, "needs train.overlap_unlikelihood"),
+                           ({"data.negatives_per_batch": 2}, "needs data.negatives"),
+                           ({"data.negatives": str(tmp_path / "none.jsonl"), "data.negatives_per_batch": 1,
+                             "train.overlap_unlikelihood": 1.0}, "is not a file")):
+        with pytest.raises(CrystalError, match=message):
+            config_for(records, tmp_path / "refused", **extra)
+    with pytest.raises(CrystalError, match="no sample with a position the distance guard marks"):
+        read_negatives(tmp_path / "fine.jsonl", tokenizer, digits, 160)

@@ -38,6 +38,11 @@ class DataSection:
     site_order: str = "as-given"
     max_train_records: int = 0  # 0 = all
     val_records: int = 256  # val examples scored at each evaluation; 0 = no evaluation
+    # The model's own guard-off samples (a `crystal generate --min-distance 0` jsonl): each micro-batch adds
+    # negatives_per_batch of them, trained only by train.overlap_unlikelihood at the positions the distance
+    # guard marks on them (data.with_overlaps), never imitated. "" = none.
+    negatives: str = ""
+    negatives_per_batch: int = 0
 
 
 @dataclass
@@ -120,6 +125,13 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         raise CrystalError(f"{where}: lora.target_modules is empty")
     if not (math.isfinite(t.overlap_unlikelihood) and t.overlap_unlikelihood >= 0):
         raise CrystalError(f"{where}: train.overlap_unlikelihood must be a finite weight >= 0, got {t.overlap_unlikelihood}")
+    if d.negatives_per_batch < 0 or (d.negatives_per_batch and not d.negatives):
+        raise CrystalError(f"{where}: data.negatives_per_batch must be >= 0 and needs data.negatives, got {d.negatives_per_batch}")
+    if d.negatives:
+        if t.overlap_unlikelihood <= 0 or d.negatives_per_batch < 1:
+            raise CrystalError(f"{where}: data.negatives needs train.overlap_unlikelihood > 0 and data.negatives_per_batch >= 1")
+        if not Path(d.negatives).expanduser().is_file():
+            raise CrystalError(f"{where}: data.negatives {d.negatives!r} is not a file (a `crystal generate` jsonl)")
 
 
 def saved_config(run_dir: Path) -> RunConfig:
@@ -158,7 +170,7 @@ def resolve_config(
 
 
 def _same(key: str, saved: object, given: object) -> bool:
-    if key == "data.records" and isinstance(given, str):
+    if key in ("data.records", "data.negatives") and isinstance(given, str) and given and saved:
         return Path(given).expanduser().resolve() == Path(str(saved)).expanduser().resolve()
     return saved == given
 
@@ -167,5 +179,7 @@ def saved_form(config: RunConfig, base_dir: Path, max_steps: int) -> dict:
     """What RUN/config.json holds: the config with records and base resolved and the step count it runs to."""
     saved = asdict(config)
     saved["data"]["records"] = str(Path(config.data.records).expanduser().resolve())
+    if config.data.negatives:
+        saved["data"]["negatives"] = str(Path(config.data.negatives).expanduser().resolve())
     saved["train"]["max_steps"] = max_steps
     return {"base_spec": config.base} | saved | {"base": str(base_dir.resolve())}

@@ -1,7 +1,8 @@
 """Training data of `crystal finetune`: records read from a `crystal encode` directory, tokenized into
 examples (crystal completions in the run's site order), batched by length (a pure function of seed and
 epoch, so a resumed run replays the same batches), randomly translated each time a crystal is drawn and,
-for the overlap unlikelihood, marked with the continuations that would stack two atoms."""
+for the overlap unlikelihood, marked with the continuations that would stack two atoms, on the true text and
+on the model's own samples (data.negatives)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class Example:
     # train.overlap_unlikelihood: per completion position, the digit tokens (OverlapDigits.ids) that would put
     # the site being written too close to an earlier one; None: not computed, or no such token anywhere
     avoid: np.ndarray | None = None
+    # False: the model's own sample (data.negatives), trained only through `avoid`, never imitated
+    imitate: bool = True
 
     @property
     def length(self) -> int:
@@ -131,9 +134,10 @@ class OverlapDigits:
 def with_overlaps(example: Example, digits: OverlapDigits) -> Example:
     """The example with `avoid` set: at every coordinate digit of its crystal, the digits the distance guard
     would mask there (each would leave the site no position min_distance from every earlier site, periodic
-    images included), read on the true text so far. Those are the continuations that make a structurally
-    invalid crystal; the real next token is never one of them (a real crystal whose own sites are too close
-    marks nothing at that position)."""
+    images included), read on the text so far. Those are the continuations that make a structurally invalid
+    crystal. On true text the real next token is never one of them (a real crystal whose own sites are too
+    close marks nothing at that position). On the model's own sample (`imitate` False) its own digit may be
+    one: that position is marked too and ends the marks, since what follows continues an invalid crystal."""
     if not example.crystal:
         return example
     state = digits.guard.new_state()
@@ -143,12 +147,54 @@ def with_overlaps(example: Example, digits: OverlapDigits) -> Example:
     for position, token in enumerate(example.completion_ids[:-1]):  # the last one is EOS
         if token in digit_set and state.checking:
             masked = ~state.allowed(digits.ids)
-            if masked.any() and not masked[digits.ids == token].any():
+            stacks = bool(masked[digits.ids == token].any())
+            if masked.any() and (not stacks or not example.imitate):
                 if avoid is None:
                     avoid = np.zeros((len(example.completion_ids), len(digits.ids)), dtype=bool)
                 avoid[position] = masked
+            if stacks and not example.imitate:
+                break
         state.accept(pieces[token])
     return dataclasses.replace(example, avoid=avoid)
+
+
+def read_negatives(path: Path, tokenizer, digits: OverlapDigits, max_length: int) -> tuple[list[Example], dict]:
+    """data.negatives: the model's own samples (a `crystal generate` jsonl, one row per sample with its prompt
+    and text) as examples that are never imitated, marked by with_overlaps, and the counts of rows read, kept
+    and skipped (unreadable, too long, or with no position to mark)."""
+    rows, unreadable = [], 0
+    with path.open() as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                unreadable += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("text"), str) \
+                    and row["text"].strip():
+                rows.append(row)
+            else:
+                unreadable += 1
+    examples, too_long, unmarked = [], 0, 0
+    for row in rows:
+        example = Example(tokenizer(row["prompt"])["input_ids"], row["text"],
+                          tokenize_completion(tokenizer, row["text"]), crystal=True, imitate=False)
+        if example.length > max_length:
+            too_long += 1
+            continue
+        example = with_overlaps(example, digits)
+        if example.avoid is None:
+            unmarked += 1
+        else:
+            examples.append(example)
+    if not examples:
+        raise CrystalError(f"{path}: no sample with a position the distance guard marks "
+                           f"({len(rows)} samples read; data.negatives needs `crystal generate --min-distance 0` output)")
+    return examples, {"negatives_read": len(rows) + unreadable, "negatives": len(examples),
+                      "negatives_unreadable": unreadable, "negatives_too_long": too_long,
+                      "negatives_unmarked": unmarked}
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -166,7 +212,8 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
 
 def collate(examples: list[Example], pad_id: int, n_digits: int = 0) -> dict:
     """Right-padded input_ids / attention_mask / labels (prompt and padding ignored by the loss); with
-    `n_digits`, also `avoid` (batch, width, n_digits): each label position's overlapping digits."""
+    `n_digits`, also `avoid` (batch, width, n_digits): each label position's overlapping digits; with any
+    example not to imitate, also `imitate` (batch, width): the label positions the cross-entropy counts."""
     width = max(e.length for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -183,4 +230,11 @@ def collate(examples: list[Example], pad_id: int, n_digits: int = 0) -> dict:
             if e.avoid is not None:
                 avoid[row, len(e.prompt_ids): e.length] = torch.from_numpy(e.avoid)
         batch["avoid"] = avoid
+    if not all(e.imitate for e in examples):
+        batch["imitate"] = (labels != IGNORE) & torch.tensor([e.imitate for e in examples])[:, None]
     return batch
+
+
+def imitated_tokens(batch: dict) -> int:
+    """Label positions of a collated batch that the cross-entropy is taken over (the loss's normaliser)."""
+    return int(batch["imitate"][:, 1:].sum() if "imitate" in batch else (batch["labels"][:, 1:] != IGNORE).sum())

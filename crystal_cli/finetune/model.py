@@ -110,6 +110,9 @@ def completion_losses(model, batch: dict, vocab: LossVocab | None = None, digit_
         columns = None if digit_ids is None else vocab.row[digit_ids]
     rows = mask.nonzero()[:, 0]
     nll = F.cross_entropy(logits, wanted, reduction="none")
+    if "imitate" in batch:  # the model's own samples (data.negatives) add only the unlikelihood term
+        keep = batch["imitate"][:, 1:][mask]
+        nll, rows = nll[keep], rows[keep]
     mass = logits.new_zeros(0)
     if columns is not None and "avoid" in batch:
         avoid = batch["avoid"][:, 1:][mask]

@@ -35,8 +35,8 @@ import torch
 from crystal_cli import recipes, runs
 from crystal_cli.errors import CrystalError
 from crystal_cli.finetune.config import CONFIG_FILE, RunConfig, saved_form
-from crystal_cli.finetune.data import (IGNORE, Example, OverlapDigits, collate, epoch_batches, load_splits, make_examples,
-                                       translated, with_overlaps)
+from crystal_cli.finetune.data import (Example, OverlapDigits, collate, epoch_batches, imitated_tokens, load_splits,
+                                       make_examples, read_negatives, translated, with_overlaps)
 from crystal_cli.finetune.model import CompletionNLL, LossVocab, completion_nll, crystal_vocab, device_and_dtype, trainable
 from crystal_cli.models import load_base
 
@@ -203,9 +203,15 @@ class _Trainer:
         val_fitting, val_too_long = make_examples(self.tokenizer, val_records, data.max_length, data.site_order)
         val_pick = np.random.default_rng([train.seed, 7]).permutation(len(val_fitting))[: data.val_records]
         self.val_examples = [val_fitting[i] for i in sorted(val_pick)]
+        self.overlaps = OverlapDigits.of(self.tokenizer) if train.overlap_unlikelihood > 0 else None
+        self.negatives, negative_counts = [], {}
+        if data.negatives:
+            path = Path(data.negatives).expanduser()
+            self.negatives, negative_counts = read_negatives(path, self.tokenizer, self.overlaps, data.max_length)
+            negative_counts["negatives_sha256"] = runs.fingerprint(path)
         self.loss_vocab = None
         if train.loss_vocab == "crystal":
-            ids = crystal_vocab(self.tokenizer, self.train_examples + self.val_examples)
+            ids = crystal_vocab(self.tokenizer, self.train_examples + self.val_examples + self.negatives)
             self.loss_vocab = LossVocab.of(ids, base.get_output_embeddings().weight.shape[0], self.device)
         self.lengths = [e.length for e in self.train_examples]
         self.batches_per_epoch = len(epoch_batches(self.lengths, train.batch_size, train.seed, 0))
@@ -218,13 +224,12 @@ class _Trainer:
                        "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                        "loss_vocab_size": len(self.loss_vocab.ids) if self.loss_vocab is not None
                        else base.get_output_embeddings().weight.shape[0],
-                       "world_size": world} | init
+                       "world_size": world} | negative_counts | init
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=train.learning_rate,
                                            weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: recipes.lr_factor(
             step, train.warmup_steps, self.max_steps, train.min_lr_ratio))
-        self.overlaps = OverlapDigits.of(self.tokenizer) if train.overlap_unlikelihood > 0 else None
         digit_ids = None if self.overlaps is None else torch.from_numpy(self.overlaps.ids).to(self.device)
         self.forward = CompletionNLL(self.net, self.loss_vocab, digit_ids)
         if world > 1:
@@ -255,6 +260,10 @@ class _Trainer:
             if self.overlaps is not None:
                 example = with_overlaps(example, self.overlaps)
             examples.append(example)
+        if self.negatives:  # the model's own samples, drawn by (seed, index) alone so a resume replays them
+            rng = np.random.default_rng([train.seed, 13, index])
+            count = min(self.config.data.negatives_per_batch, len(self.negatives))
+            examples.extend(self.negatives[i] for i in sorted(rng.choice(len(self.negatives), count, replace=False)))
         return examples
 
     def _batch(self, examples: list[Example]) -> dict:
@@ -268,7 +277,7 @@ class _Trainer:
         per_step = train.grad_accum * self.world
         mine = [self._batch(self._micro_batch(step * per_step + k))
                 for k in range(self.rank, per_step, self.world)]
-        counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in mine),
+        counts = torch.tensor([sum(imitated_tokens(b) for b in mine),
                                sum(int(b["attention_mask"].sum()) for b in mine)], dtype=torch.float64)
         if self.world > 1:
             torch.distributed.all_reduce(counts)
