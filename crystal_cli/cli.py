@@ -28,9 +28,12 @@ err_console = Console(stderr=True)
 
 
 class _Group(TyperGroup):
-    """Turns CrystalError into one red line and exit code 2; Ctrl-C into exit code 130."""
+    """Turns CrystalError into one red line and exit code 2; Ctrl-C (or SIGTERM) into exit code 130."""
 
     def invoke(self, ctx):
+        from crystal_cli.runs import stop_on_terminate
+
+        stop_on_terminate()
         try:
             return super().invoke(ctx)
         except CrystalError as exc:

@@ -50,24 +50,47 @@ _NOT_CONTENT = ("README.md", "metrics.jsonl", "summary.json", MANIFEST_NAME)
 # ------------------------------------------------------------------------------------------ atomic writes
 
 
+def stop_on_terminate() -> None:
+    """Make SIGTERM (`kill PID`, a batch scheduler's preemption, `docker stop`) stop a command as Ctrl-C does:
+    the current SIGINT handler takes it (a training loop's stop-after-this-step, a deferred write's hold, or
+    KeyboardInterrupt), and where SIGINT is ignored (a job started with `&` from a script inherits that) it
+    raises KeyboardInterrupt, so a background job can still be stopped with its work saved. CLI only: a
+    library does not take over its host process's signals."""
+
+    def terminate(signum, frame) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
+
+
 @contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) while one unit of output is written, e.g. a sample's sidecar row and its CIF
-    block, and deliver it right after: an interrupted run's files then always agree with each other. Signals
-    are handled on the main thread only; elsewhere (a library caller's worker thread) this does nothing."""
+    """Hold a Ctrl-C (SIGINT, or SIGTERM under stop_on_terminate) while one unit of output is written, e.g. a
+    sample's sidecar row and its CIF block, and deliver it right after: an interrupted run's files then always
+    agree with each other. Signals are handled on the main thread only; elsewhere (a library caller's worker
+    thread) this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught: list[object] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    caught: list[tuple[int, object]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, caught[0])
-        elif caught and previous == signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)
+        if caught:
+            signum, frame = caught[0]
+            if callable(previous):
+                previous(signum, frame)
+            elif signum == signal.SIGTERM:
+                raise KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 @contextmanager

@@ -124,6 +124,35 @@ def test_interrupted_run_resumes_exactly(full_run, records, tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [4, 8, 12, 16]  # no duplicated lines after resume
 
 
+def test_a_background_run_stopped_with_kill_checkpoints_and_resumes(records, tmp_path):
+    """`crystal finetune ... &` from a script ignores Ctrl-C (SIGINT), and `kill PID` (SIGTERM, also what a
+    batch scheduler sends before it preempts) used to end the process without a checkpoint. Now SIGTERM stops
+    it as Ctrl-C does: after the current step, with a checkpoint and exit code 130, and --resume finishes it."""
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "crystal_cli.cli", "finetune", "--recipe", str(REPO / "training" / "tiny-test.toml"),
+            "--data", str(records), "-o", str(run), "--steps", "400", "--set", "data.max_length=160",
+            "--set", "data.val_records=4", "--set", "train.threads=1", "--set", "train.log_every=1",
+            "--set", "train.checkpoint_every=1000", "--set", "train.eval_every=1000", "--batch-size", "2"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and sum("loss" in line for line in metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (out, err)
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir())
+    assert "interrupted" in err and 2 <= checkpoints[-1] < 400, (checkpoints, err)
+    resumed = finetune(resolve_config(run, overrides={"train.max_steps": checkpoints[-1] + 2}, resume=True), run, resume=True)
+    assert resumed.steps == checkpoints[-1] + 2 and not resumed.interrupted
+
+
 def test_resume_refuses_to_change_the_run(full_run, records):
     run, _ = full_run
     with pytest.raises(CrystalError, match="learning_rate"):

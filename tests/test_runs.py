@@ -132,6 +132,32 @@ def test_a_ctrl_c_while_output_is_written_arrives_after_it():
     assert written[-1] == "next"
 
 
+def test_a_sigterm_stops_like_ctrl_c_even_where_sigint_is_ignored():
+    """runs.stop_on_terminate (the CLI installs it): a SIGTERM while output is written is held like a Ctrl-C and
+    delivered after it, and where SIGINT is ignored (a job started with `&` from a script) it still stops the
+    command with KeyboardInterrupt instead of being lost or killing the process mid-write."""
+    import os
+    import signal
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        runs.stop_on_terminate()
+        for sigint in (signal.default_int_handler, signal.SIG_IGN):
+            signal.signal(signal.SIGINT, sigint)
+            written = []
+            with pytest.raises(KeyboardInterrupt):
+                with runs.interrupts_deferred():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    written.append("row")
+                    written.append("block")
+            assert written == ["row", "block"] and signal.getsignal(signal.SIGINT) == sigint
+            with pytest.raises(KeyboardInterrupt):  # outside a deferred write: at once
+                os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+
+
 def test_no_module_imports_private_names_of_another():
     """The package and the benches use each other's public names only (tests may reach into a module)."""
     offenders = []
