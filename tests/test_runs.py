@@ -116,20 +116,28 @@ def test_a_ctrl_c_while_output_is_written_arrives_after_it():
     """generate writes a sample's sidecar row and its CIF block under runs.interrupts_deferred: a SIGINT in
     between (it once left a row without its block) is delivered when both are written, and the previous
     handler is back."""
-    import os
     import signal
 
     before = signal.getsignal(signal.SIGINT)
+    assert _deferred_write(signal.SIGINT) == ["row", "block"] and signal.getsignal(signal.SIGINT) is before
+    written = []
+    with runs.interrupts_deferred():  # no signal: nothing raised
+        written.append("next")
+    assert written == ["next"]
+
+
+def _deferred_write(signum: int) -> list[str]:
+    """A row and its block written under interrupts_deferred with `signum` sent in between; the interrupt
+    must arrive (KeyboardInterrupt) only after both are written."""
+    import os
+
     written = []
     with pytest.raises(KeyboardInterrupt):
         with runs.interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
             written.append("row")
             written.append("block")
-    assert written == ["row", "block"] and signal.getsignal(signal.SIGINT) is before
-    with runs.interrupts_deferred():  # no signal: nothing raised
-        written.append("next")
-    assert written[-1] == "next"
+    return written
 
 
 def test_a_sigterm_stops_like_ctrl_c_even_where_sigint_is_ignored():
@@ -144,13 +152,7 @@ def test_a_sigterm_stops_like_ctrl_c_even_where_sigint_is_ignored():
         runs.stop_on_terminate()
         for sigint in (signal.default_int_handler, signal.SIG_IGN):
             signal.signal(signal.SIGINT, sigint)
-            written = []
-            with pytest.raises(KeyboardInterrupt):
-                with runs.interrupts_deferred():
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    written.append("row")
-                    written.append("block")
-            assert written == ["row", "block"] and signal.getsignal(signal.SIGINT) == sigint
+            assert _deferred_write(signal.SIGTERM) == ["row", "block"] and signal.getsignal(signal.SIGINT) == sigint
             with pytest.raises(KeyboardInterrupt):  # outside a deferred write: at once
                 os.kill(os.getpid(), signal.SIGTERM)
     finally:

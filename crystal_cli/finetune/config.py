@@ -170,7 +170,7 @@ def resolve_config(
 
 
 def _same(key: str, saved: object, given: object) -> bool:
-    if key in ("data.records", "data.negatives") and isinstance(given, str) and given and saved:
+    if key in ("data.records", "data.negatives") and isinstance(given, str):
         return Path(given).expanduser().resolve() == Path(str(saved)).expanduser().resolve()
     return saved == given
 
