@@ -479,3 +479,52 @@ def test_own_samples_are_marked_up_to_their_first_stacked_site_and_never_imitate
             config_for(records, tmp_path / "refused", **extra)
     with pytest.raises(CrystalError, match="no sample with a position the distance guard marks"):
         read_negatives(tmp_path / "fine.jsonl", tokenizer, digits, 160)
+
+
+def test_own_valid_samples_are_imitated_at_weights_that_keep_the_models_atom_counts(full_run, records, tmp_path):
+    """data.positives: of the model's own samples only the valid ones (structurally and compositionally) are
+    kept; each is drawn with probability proportional to 1 / its atom-count bin's valid share, so the filter
+    does not shift the sizes the model writes (here: one valid of three 2-3-atom samples, one valid 8-atom
+    sample: 3 : 1). Through `crystal finetune` they are counted, fingerprinted and imitated (no imitate mask);
+    a count without a file, or a file without a count, is refused."""
+    from crystal_cli.finetune.data import read_positives
+    from crystal_cli.runs import fingerprint
+
+    run, _ = full_run
+    _, tokenizer = load_trained(run)
+    prompt = codec.unconditional_prompt()
+    nacl = "4.0 4.0 4.0\n90 90 90\nNa\n0.00 0.00 0.00\nCl\n0.50 0.50 0.50"
+    stacked = "4.0 4.0 4.0\n90 90 90\nNa\n0.50 0.50 0.50\nCl\n0.50 0.50 0.50\nCl\n0.00 0.00 0.00"
+    uncharged = "4.0 4.0 4.0\n90 90 90\nNa\n0.00 0.00 0.00\nCl\n0.50 0.50 0.50\nCl\n0.00 0.50 0.00"
+    sites = [("Na", "0.00 0.00 0.00"), ("Na", "0.50 0.50 0.00"), ("Na", "0.50 0.00 0.50"), ("Na", "0.00 0.50 0.50"),
+             ("Cl", "0.50 0.00 0.00"), ("Cl", "0.00 0.50 0.00"), ("Cl", "0.00 0.00 0.50"), ("Cl", "0.50 0.50 0.50")]
+    rocksalt = "5.6 5.6 5.6\n90 90 90\n" + "\n".join(f"{el}\n{xyz}" for el, xyz in sites)
+    samples = tmp_path / "own.jsonl"
+    samples.write_text("\n".join([json.dumps({"prompt": prompt, "text": t}) for t in (nacl, stacked, uncharged, rocksalt)]
+                                 + ["not json"]) + "\n")
+    examples, p, counts = read_positives(samples, tokenizer, 320)
+    assert [e.completion for e in examples] == [nacl, rocksalt] and all(e.imitate for e in examples)
+    assert np.allclose(p, [0.75, 0.25])
+    assert counts == {"positives_read": 5, "positives": 2, "positives_unreadable": 1, "positives_invalid": 2,
+                      "positives_too_long": 0}
+    assert "imitate" not in collate(examples, tokenizer.pad_token_id)  # imitated like train records
+
+    from crystal_cli.finetune.trainer import _Trainer
+
+    pos_run = tmp_path / "pos"
+    config = config_for(records, pos_run, **{"train.max_steps": 4, "data.max_length": 320,
+                                             "data.positives": str(samples), "data.positives_per_batch": 2})
+    trainer = _Trainer(config, pos_run, 0, 1, 0)
+    drawn = [e.completion for e in trainer._micro_batch(3)[-2:]]
+    assert sorted(drawn) == sorted([nacl, rocksalt]) and drawn == [e.completion for e in trainer._micro_batch(3)[-2:]]
+    finetune(config, pos_run)
+    summary = json.loads((pos_run / "summary.json").read_text())
+    assert summary["counts"]["positives"] == 2 and summary["counts"]["positives_sha256"] == fingerprint(samples)
+    saved = json.loads((pos_run / "config.json").read_text())["data"]
+    assert saved["positives"] == str(samples.resolve()) and saved["positives_per_batch"] == 2
+    for extra in ({"data.positives_per_batch": 2}, {"data.positives": str(samples)}):
+        with pytest.raises(CrystalError, match="data.positives and data.positives_per_batch >= 1 go together"):
+            config_for(records, tmp_path / "refused", **extra)
+    with pytest.raises(CrystalError, match="no valid crystal among 1 samples"):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": prompt, "text": stacked}) + "\n")
+        read_positives(tmp_path / "bad.jsonl", tokenizer, 320)

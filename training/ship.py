@@ -26,11 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_config(run: Path, target: Path) -> dict:
-    """The run's config.json with the base kept as its spec and the records path relative to the repository."""
+    """The run's config.json with the base kept as its spec and its data paths relative to the repository."""
     config = json.loads((run / "config.json").read_text())
     config["base"] = config["base_spec"]  # the run's absolute cache path means nothing elsewhere
-    records = Path(config["data"]["records"])
-    config["data"]["records"] = str(records.relative_to(ROOT)) if records.is_relative_to(ROOT) else str(records)
+    for key in ("records", "negatives", "positives"):
+        if config["data"].get(key):
+            path = Path(config["data"][key])
+            config["data"][key] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     target.mkdir(parents=True, exist_ok=True)
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config

@@ -43,6 +43,11 @@ class DataSection:
     # guard marks on them (data.with_overlaps), never imitated. "" = none.
     negatives: str = ""
     negatives_per_batch: int = 0
+    # The model's own samples again (a `crystal generate` jsonl): each micro-batch adds positives_per_batch of the
+    # valid ones (data.read_positives: structurally and compositionally valid, drawn so that the atom-count
+    # distribution stays the model's own), imitated like train records. Rejection-sampling self-training. "" = none.
+    positives: str = ""
+    positives_per_batch: int = 0
 
 
 @dataclass
@@ -130,8 +135,12 @@ def _check_ranges(config: RunConfig, where: str) -> None:
     if d.negatives:
         if t.overlap_unlikelihood <= 0 or d.negatives_per_batch < 1:
             raise CrystalError(f"{where}: data.negatives needs train.overlap_unlikelihood > 0 and data.negatives_per_batch >= 1")
-        if not Path(d.negatives).expanduser().is_file():
-            raise CrystalError(f"{where}: data.negatives {d.negatives!r} is not a file (a `crystal generate` jsonl)")
+    for key, path in (("data.negatives", d.negatives), ("data.positives", d.positives)):
+        if path and not Path(path).expanduser().is_file():
+            raise CrystalError(f"{where}: {key} {path!r} is not a file (a `crystal generate` jsonl)")
+    if d.positives_per_batch < 0 or bool(d.positives) != (d.positives_per_batch > 0):
+        raise CrystalError(f"{where}: data.positives and data.positives_per_batch >= 1 go together, "
+                           f"got {d.positives!r} and {d.positives_per_batch}")
 
 
 def saved_config(run_dir: Path) -> RunConfig:
@@ -170,7 +179,7 @@ def resolve_config(
 
 
 def _same(key: str, saved: object, given: object) -> bool:
-    if key in ("data.records", "data.negatives") and isinstance(given, str):
+    if key in ("data.records", "data.negatives", "data.positives") and isinstance(given, str):
         return Path(given).expanduser().resolve() == Path(str(saved)).expanduser().resolve()
     return saved == given
 
@@ -179,7 +188,8 @@ def saved_form(config: RunConfig, base_dir: Path, max_steps: int) -> dict:
     """What RUN/config.json holds: the config with records and base resolved and the step count it runs to."""
     saved = asdict(config)
     saved["data"]["records"] = str(Path(config.data.records).expanduser().resolve())
-    if config.data.negatives:
-        saved["data"]["negatives"] = str(Path(config.data.negatives).expanduser().resolve())
+    for key in ("negatives", "positives"):
+        if saved["data"][key]:
+            saved["data"][key] = str(Path(saved["data"][key]).expanduser().resolve())
     saved["train"]["max_steps"] = max_steps
     return {"base_spec": config.base} | saved | {"base": str(base_dir.resolve())}

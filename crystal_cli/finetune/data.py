@@ -2,7 +2,7 @@
 examples (crystal completions in the run's site order), batched by length (a pure function of seed and
 epoch, so a resumed run replays the same batches), randomly translated each time a crystal is drawn and,
 for the overlap unlikelihood, marked with the continuations that would stack two atoms, on the true text and
-on the model's own samples (data.negatives)."""
+on the model's own samples (data.negatives); and the model's own valid samples, to imitate (data.positives)."""
 
 from __future__ import annotations
 
@@ -158,10 +158,8 @@ def with_overlaps(example: Example, digits: OverlapDigits) -> Example:
     return dataclasses.replace(example, avoid=avoid)
 
 
-def read_negatives(path: Path, tokenizer, digits: OverlapDigits, max_length: int) -> tuple[list[Example], dict]:
-    """data.negatives: the model's own samples (a `crystal generate` jsonl, one row per sample with its prompt
-    and text) as examples that are never imitated, marked by with_overlaps, and the counts of rows read, kept
-    and skipped (unreadable, too long, or with no position to mark)."""
+def _read_samples(path: Path) -> tuple[list[dict], int]:
+    """The rows of a `crystal generate` jsonl that carry a prompt and a non-empty text, and how many did not."""
     rows, unreadable = [], 0
     with path.open() as handle:
         for line in handle:
@@ -177,10 +175,22 @@ def read_negatives(path: Path, tokenizer, digits: OverlapDigits, max_length: int
                 rows.append(row)
             else:
                 unreadable += 1
+    return rows, unreadable
+
+
+def _own_example(tokenizer, row: dict, imitate: bool) -> Example:
+    return Example(tokenizer(row["prompt"])["input_ids"], row["text"], tokenize_completion(tokenizer, row["text"]),
+                   crystal=True, imitate=imitate)
+
+
+def read_negatives(path: Path, tokenizer, digits: OverlapDigits, max_length: int) -> tuple[list[Example], dict]:
+    """data.negatives: the model's own samples (a `crystal generate` jsonl, one row per sample with its prompt
+    and text) as examples that are never imitated, marked by with_overlaps, and the counts of rows read, kept
+    and skipped (unreadable, too long, or with no position to mark)."""
+    rows, unreadable = _read_samples(path)
     examples, too_long, unmarked = [], 0, 0
     for row in rows:
-        example = Example(tokenizer(row["prompt"])["input_ids"], row["text"],
-                          tokenize_completion(tokenizer, row["text"]), crystal=True, imitate=False)
+        example = _own_example(tokenizer, row, imitate=False)
         if example.length > max_length:
             too_long += 1
             continue
@@ -195,6 +205,48 @@ def read_negatives(path: Path, tokenizer, digits: OverlapDigits, max_length: int
     return examples, {"negatives_read": len(rows) + unreadable, "negatives": len(examples),
                       "negatives_unreadable": unreadable, "negatives_too_long": too_long,
                       "negatives_unmarked": unmarked}
+
+
+ATOM_BINS = (4, 8, 12, 16, 20)  # atom-count bin edges (1-3, 4-7, 8-11, 12-15, 16-19, 20+) of data.positives' weights
+
+
+def read_positives(path: Path, tokenizer, max_length: int) -> tuple[list[Example], np.ndarray, dict]:
+    """data.positives: the model's own samples that are valid crystals (structurally and compositionally, as
+    `crystal evaluate` counts them) as examples to imitate, the probability of drawing each, and counts.
+
+    Validity filtering alone would teach smaller crystals: the model's small cells are valid far more often
+    than its large ones. So each kept sample is drawn with probability proportional to 1 / (the valid share of
+    all samples read in its atom-count bin): in expectation the drawn positives have the atom-count
+    distribution of the model's own samples, and only the invalid ones within each bin are filtered out."""
+    from crystal_cli.evaluate.validity import check
+
+    rows, unreadable = _read_samples(path)
+    kept, kept_bins, too_long, invalid = [], [], 0, 0
+    read_bins = np.zeros(len(ATOM_BINS) + 1)
+    for row in rows:
+        parsed = codec.parse_crystal(row["text"])
+        if not parsed.ok:
+            invalid += 1
+            continue
+        atom_bin = int(np.searchsorted(ATOM_BINS, len(parsed.structure), side="right"))
+        read_bins[atom_bin] += 1
+        if not check(parsed.structure).valid:
+            invalid += 1
+            continue
+        example = _own_example(tokenizer, row, imitate=True)
+        if example.length > max_length:
+            too_long += 1
+            continue
+        kept.append(example)
+        kept_bins.append(atom_bin)
+    if not kept:
+        raise CrystalError(f"{path}: no valid crystal among {len(rows)} samples (data.positives needs "
+                           "`crystal generate` jsonl output)")
+    kept_bins = np.array(kept_bins)
+    weights = read_bins[kept_bins] / np.bincount(kept_bins, minlength=len(read_bins))[kept_bins]
+    return kept, weights / weights.sum(), {"positives_read": len(rows) + unreadable, "positives": len(kept),
+                                           "positives_unreadable": unreadable, "positives_invalid": invalid,
+                                           "positives_too_long": too_long}
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

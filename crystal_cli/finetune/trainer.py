@@ -36,7 +36,8 @@ from crystal_cli import recipes, runs
 from crystal_cli.errors import CrystalError
 from crystal_cli.finetune.config import CONFIG_FILE, RunConfig, saved_form
 from crystal_cli.finetune.data import (Example, OverlapDigits, collate, epoch_batches, imitated_tokens, load_splits,
-                                       make_examples, read_negatives, translated, with_overlaps)
+                                       make_examples, read_negatives, read_positives, translated,
+                                       with_overlaps)
 from crystal_cli.finetune.model import CompletionNLL, LossVocab, completion_nll, crystal_vocab, device_and_dtype, trainable
 from crystal_cli.models import load_base
 
@@ -209,9 +210,17 @@ class _Trainer:
             path = Path(data.negatives).expanduser()
             self.negatives, negative_counts = read_negatives(path, self.tokenizer, self.overlaps, data.max_length)
             negative_counts["negatives_sha256"] = runs.fingerprint(path)
+        self.positives, self.positive_p, positive_counts = [], np.zeros(0), {}
+        if data.positives:
+            path = Path(data.positives).expanduser()
+            self.positives, self.positive_p, positive_counts = read_positives(path, self.tokenizer, data.max_length)
+            if self.overlaps is not None:
+                self.positives = [with_overlaps(e, self.overlaps) for e in self.positives]
+            positive_counts["positives_sha256"] = runs.fingerprint(path)
         self.loss_vocab = None
         if train.loss_vocab == "crystal":
-            ids = crystal_vocab(self.tokenizer, self.train_examples + self.val_examples + self.negatives)
+            ids = crystal_vocab(self.tokenizer, self.train_examples + self.val_examples + self.negatives
+                                 + self.positives)
             self.loss_vocab = LossVocab.of(ids, base.get_output_embeddings().weight.shape[0], self.device)
         self.lengths = [e.length for e in self.train_examples]
         self.batches_per_epoch = len(epoch_batches(self.lengths, train.batch_size, train.seed, 0))
@@ -224,7 +233,7 @@ class _Trainer:
                        "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                        "loss_vocab_size": len(self.loss_vocab.ids) if self.loss_vocab is not None
                        else base.get_output_embeddings().weight.shape[0],
-                       "world_size": world} | negative_counts | init
+                       "world_size": world} | negative_counts | positive_counts | init
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=train.learning_rate,
                                            weight_decay=train.weight_decay)
@@ -264,6 +273,11 @@ class _Trainer:
             rng = np.random.default_rng([train.seed, 13, index])
             count = min(self.config.data.negatives_per_batch, len(self.negatives))
             examples.extend(self.negatives[i] for i in sorted(rng.choice(len(self.negatives), count, replace=False)))
+        if self.positives:  # the same for the valid ones, at data.read_positives' probabilities
+            rng = np.random.default_rng([train.seed, 17, index])
+            count = min(self.config.data.positives_per_batch, len(self.positives))
+            picks = rng.choice(len(self.positives), count, replace=False, p=self.positive_p)
+            examples.extend(self.positives[i] for i in sorted(picks))
         return examples
 
     def _batch(self, examples: list[Example]) -> dict:
