@@ -487,7 +487,7 @@ def test_own_valid_samples_are_imitated_at_weights_that_keep_the_models_atom_cou
     does not shift the sizes the model writes (here: one valid of three 2-3-atom samples, one valid 8-atom
     sample: 3 : 1). Through `crystal finetune` they are counted, fingerprinted and imitated (no imitate mask);
     a count without a file, or a file without a count, is refused."""
-    from crystal_cli.finetune.data import read_positives
+    from crystal_cli.finetune.data import read_positives, size_shares
     from crystal_cli.runs import fingerprint
 
     run, _ = full_run
@@ -505,6 +505,10 @@ def test_own_valid_samples_are_imitated_at_weights_that_keep_the_models_atom_cou
     examples, p, counts = read_positives(samples, tokenizer, 320)
     assert [e.completion for e in examples] == [nacl, rocksalt] and all(e.imitate for e in examples)
     assert np.allclose(p, [0.75, 0.25])
+    assert np.allclose(size_shares(examples), [0.5, 0, 0.5, 0, 0, 0])  # data.positives_sizes = "train" draws so
+    assert np.allclose(read_positives(samples, tokenizer, 320, np.array([0.6, 0, 0.4, 0, 0, 0]))[1], [0.6, 0.4])
+    with pytest.raises(CrystalError, match="no valid crystal in an atom-count bin the train records have"):
+        read_positives(samples, tokenizer, 320, np.array([0, 0, 0, 0, 0, 1.0]))
     assert counts == {"positives_read": 5, "positives": 2, "positives_unreadable": 1, "positives_invalid": 2,
                       "positives_too_long": 0}
     assert "imitate" not in collate(examples, tokenizer.pad_token_id)  # imitated like train records
@@ -517,6 +521,9 @@ def test_own_valid_samples_are_imitated_at_weights_that_keep_the_models_atom_cou
     trainer = _Trainer(config, pos_run, 0, 1, 0)
     drawn = [e.completion for e in trainer._micro_batch(3)[-2:]]
     assert sorted(drawn) == sorted([nacl, rocksalt]) and drawn == [e.completion for e in trainer._micro_batch(3)[-2:]]
+    by_train = _Trainer(dataclasses.replace(config, data=dataclasses.replace(
+        config.data, positives_sizes="train", positives_per_batch=1)), tmp_path / "by-train", 0, 1, 0)
+    assert np.allclose(by_train.positive_p, [1.0, 0.0])  # the <= 6-site train records are all in the 4-7 bin or below
     finetune(config, pos_run)
     summary = json.loads((pos_run / "summary.json").read_text())
     assert summary["counts"]["positives"] == 2 and summary["counts"]["positives_sha256"] == fingerprint(samples)

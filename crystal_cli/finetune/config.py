@@ -48,6 +48,9 @@ class DataSection:
     # distribution stays the model's own), imitated like train records. Rejection-sampling self-training. "" = none.
     positives: str = ""
     positives_per_batch: int = 0
+    # Whose atom-count distribution the drawn positives follow: "own" (the samples', invalid ones included) or
+    # "train" (the train records': pulls the model back towards the data's larger cells)
+    positives_sizes: str = "own"
 
 
 @dataclass
@@ -93,7 +96,8 @@ class RunConfig:
 RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.threads", "train.eval_every",
                       "train.checkpoint_every", "train.log_every", "train.keep_checkpoints"}
 CHOICES = {"train.precision": ("auto", "fp32", "bf16"), "train.method": ("lora", "full"),
-           "train.loss_vocab": ("full", "crystal"), "data.site_order": ("as-given", "sorted")}
+           "train.loss_vocab": ("full", "crystal"), "data.site_order": ("as-given", "sorted"),
+           "data.positives_sizes": ("own", "train")}
 CONFIG_FILE = "config.json"
 
 

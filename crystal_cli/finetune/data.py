@@ -210,14 +210,29 @@ def read_negatives(path: Path, tokenizer, digits: OverlapDigits, max_length: int
 ATOM_BINS = (4, 8, 12, 16, 20)  # atom-count bin edges (1-3, 4-7, 8-11, 12-15, 16-19, 20+) of data.positives' weights
 
 
-def read_positives(path: Path, tokenizer, max_length: int) -> tuple[list[Example], np.ndarray, dict]:
+def atom_bin(sites: int) -> int:
+    return int(np.searchsorted(ATOM_BINS, sites, side="right"))
+
+
+def size_shares(examples: list[Example]) -> np.ndarray:
+    """The share of each atom-count bin among the crystal completions of `examples` (two lattice lines, then
+    two lines a site: counted from the text, no parsing)."""
+    bins = [atom_bin((e.completion.strip().count("\n") - 1) // 2) for e in examples if e.crystal]
+    counts = np.bincount(bins, minlength=len(ATOM_BINS) + 1).astype(float)
+    return counts / max(counts.sum(), 1.0)
+
+
+def read_positives(path: Path, tokenizer, max_length: int,
+                   shares: np.ndarray | None = None) -> tuple[list[Example], np.ndarray, dict]:
     """data.positives: the model's own samples that are valid crystals (structurally and compositionally, as
     `crystal evaluate` counts them) as examples to imitate, the probability of drawing each, and counts.
 
     Validity filtering alone would teach smaller crystals: the model's small cells are valid far more often
-    than its large ones. So each kept sample is drawn with probability proportional to 1 / (the valid share of
-    all samples read in its atom-count bin): in expectation the drawn positives have the atom-count
-    distribution of the model's own samples, and only the invalid ones within each bin are filtered out."""
+    than its large ones. So each kept sample is drawn with probability proportional to (its atom-count bin's
+    share in `shares`) / (the valid samples kept in that bin): in expectation the drawn positives have the
+    atom-count distribution `shares` (size_shares of the train records: data.positives_sizes = "train"), or,
+    with None, that of all the samples read ("own"), so that only the invalid ones within each bin are
+    filtered out. A bin with no valid sample gets nothing and the others are renormalised."""
     from crystal_cli.evaluate.validity import check
 
     rows, unreadable = _read_samples(path)
@@ -228,8 +243,8 @@ def read_positives(path: Path, tokenizer, max_length: int) -> tuple[list[Example
         if not parsed.ok:
             invalid += 1
             continue
-        atom_bin = int(np.searchsorted(ATOM_BINS, len(parsed.structure), side="right"))
-        read_bins[atom_bin] += 1
+        size = atom_bin(len(parsed.structure))
+        read_bins[size] += 1
         if not check(parsed.structure).valid:
             invalid += 1
             continue
@@ -238,12 +253,15 @@ def read_positives(path: Path, tokenizer, max_length: int) -> tuple[list[Example
             too_long += 1
             continue
         kept.append(example)
-        kept_bins.append(atom_bin)
+        kept_bins.append(size)
     if not kept:
         raise CrystalError(f"{path}: no valid crystal among {len(rows)} samples (data.positives needs "
                            "`crystal generate` jsonl output)")
     kept_bins = np.array(kept_bins)
-    weights = read_bins[kept_bins] / np.bincount(kept_bins, minlength=len(read_bins))[kept_bins]
+    target = read_bins / read_bins.sum() if shares is None else np.asarray(shares, dtype=float)
+    weights = target[kept_bins] / np.bincount(kept_bins, minlength=len(read_bins))[kept_bins]
+    if weights.sum() <= 0:
+        raise CrystalError(f"{path}: no valid crystal in an atom-count bin the train records have")
     return kept, weights / weights.sum(), {"positives_read": len(rows) + unreadable, "positives": len(kept),
                                            "positives_unreadable": unreadable, "positives_invalid": invalid,
                                            "positives_too_long": too_long}

@@ -36,8 +36,8 @@ from crystal_cli import recipes, runs
 from crystal_cli.errors import CrystalError
 from crystal_cli.finetune.config import CONFIG_FILE, RunConfig, saved_form
 from crystal_cli.finetune.data import (Example, OverlapDigits, collate, epoch_batches, imitated_tokens, load_splits,
-                                       make_examples, read_negatives, read_positives, translated,
-                                       with_overlaps)
+                                       make_examples, read_negatives, read_positives, size_shares,
+                                       translated, with_overlaps)
 from crystal_cli.finetune.model import CompletionNLL, LossVocab, completion_nll, crystal_vocab, device_and_dtype, trainable
 from crystal_cli.models import load_base
 
@@ -213,7 +213,8 @@ class _Trainer:
         self.positives, self.positive_p, positive_counts = [], np.zeros(0), {}
         if data.positives:
             path = Path(data.positives).expanduser()
-            self.positives, self.positive_p, positive_counts = read_positives(path, self.tokenizer, data.max_length)
+            shares = size_shares(self.train_examples) if data.positives_sizes == "train" else None
+            self.positives, self.positive_p, positive_counts = read_positives(path, self.tokenizer, data.max_length, shares)
             if self.overlaps is not None:
                 self.positives = [with_overlaps(e, self.overlaps) for e in self.positives]
             positive_counts["positives_sha256"] = runs.fingerprint(path)
