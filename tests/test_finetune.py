@@ -488,6 +488,7 @@ def test_own_valid_samples_are_imitated_at_weights_that_keep_the_models_atom_cou
     sample: 3 : 1). Through `crystal finetune` they are counted, fingerprinted and imitated (no imitate mask);
     a count without a file, or a file without a count, is refused."""
     from crystal_cli.finetune.data import read_positives, size_shares
+    from crystal_cli.finetune.trainer import _Trainer
     from crystal_cli.runs import fingerprint
 
     run, _ = full_run
@@ -513,8 +514,6 @@ def test_own_valid_samples_are_imitated_at_weights_that_keep_the_models_atom_cou
                       "positives_too_long": 0}
     assert "imitate" not in collate(examples, tokenizer.pad_token_id)  # imitated like train records
 
-    from crystal_cli.finetune.trainer import _Trainer
-
     pos_run = tmp_path / "pos"
     config = config_for(records, pos_run, **{"train.max_steps": 4, "data.max_length": 320,
                                              "data.positives": str(samples), "data.positives_per_batch": 2})
@@ -532,6 +531,6 @@ def test_own_valid_samples_are_imitated_at_weights_that_keep_the_models_atom_cou
     for extra in ({"data.positives_per_batch": 2}, {"data.positives": str(samples)}):
         with pytest.raises(CrystalError, match="data.positives and data.positives_per_batch >= 1 go together"):
             config_for(records, tmp_path / "refused", **extra)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": prompt, "text": stacked}) + "\n")
     with pytest.raises(CrystalError, match="no valid crystal among 1 samples"):
-        (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": prompt, "text": stacked}) + "\n")
         read_positives(tmp_path / "bad.jsonl", tokenizer, 320)

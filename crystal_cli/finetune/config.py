@@ -44,8 +44,8 @@ class DataSection:
     negatives: str = ""
     negatives_per_batch: int = 0
     # The model's own samples again (a `crystal generate` jsonl): each micro-batch adds positives_per_batch of the
-    # valid ones (data.read_positives: structurally and compositionally valid, drawn so that the atom-count
-    # distribution stays the model's own), imitated like train records. Rejection-sampling self-training. "" = none.
+    # valid ones (data.read_positives: structurally and compositionally valid, drawn at the atom-count
+    # distribution positives_sizes names), imitated like train records. Rejection-sampling self-training. "" = none.
     positives: str = ""
     positives_per_batch: int = 0
     # Whose atom-count distribution the drawn positives follow: "own" (the samples', invalid ones included) or
