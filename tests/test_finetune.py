@@ -534,3 +534,38 @@ def test_own_valid_samples_are_imitated_at_weights_that_keep_the_models_atom_cou
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": prompt, "text": stacked}) + "\n")
     with pytest.raises(CrystalError, match="no valid crystal among 1 samples"):
         read_positives(tmp_path / "bad.jsonl", tokenizer, 320)
+
+
+def test_relabelled_positives_are_imitated_under_the_conditions_they_truly_meet(full_run, records, tmp_path):
+    """data.positives_relabel: a valid sample drawn under a space group it misses is imitated under the
+    unconditional prompt, its own formula's and its own space group's (hindsight relabelling), never the one
+    it was sampled under; its drawing probability is split evenly among the three, so the atom-count weights
+    of the plain positives hold per sample. Relabelling without data.positives is refused."""
+    from crystal_cli.finetune.data import read_positives
+    from crystal_cli.finetune.trainer import _Trainer
+
+    run, _ = full_run
+    _, tokenizer = load_trained(run)
+    cscl = "4.0 4.0 4.0\n90 90 90\nNa\n0.00 0.00 0.00\nCl\n0.50 0.50 0.50"
+    sites = [("Na", "0.00 0.00 0.00"), ("Na", "0.50 0.50 0.00"), ("Na", "0.50 0.00 0.50"), ("Na", "0.00 0.50 0.50"),
+             ("Cl", "0.50 0.00 0.00"), ("Cl", "0.00 0.50 0.00"), ("Cl", "0.00 0.00 0.50"), ("Cl", "0.50 0.50 0.50")]
+    rocksalt = "5.6 5.6 5.6\n90 90 90\n" + "\n".join(f"{el}\n{xyz}" for el, xyz in sites)
+    samples = tmp_path / "own.jsonl"
+    wrong = codec.conditional_prompt({"spacegroup": 62})
+    stacked = "4.0 4.0 4.0\n90 90 90\nNa\n0.50 0.50 0.50\nCl\n0.50 0.50 0.50"
+    samples.write_text("\n".join(json.dumps({"prompt": wrong, "text": t}) for t in (cscl, stacked, rocksalt)) + "\n")
+    examples, p, counts = read_positives(samples, tokenizer, 320, relabel=True)
+    expected = [codec.unconditional_prompt(), codec.conditional_prompt({"formula": "NaCl"})]
+    expected = expected + [codec.conditional_prompt({"spacegroup": 221})] \
+        + expected + [codec.conditional_prompt({"spacegroup": 225})]
+    assert [e.prompt_ids for e in examples] == [tokenizer(prompt)["input_ids"] for prompt in expected]
+    assert [e.completion for e in examples] == [cscl] * 3 + [rocksalt] * 3 and all(e.imitate for e in examples)
+    assert np.allclose(p, [2 / 9] * 3 + [1 / 9] * 3)  # 2 of the 3 samples read are 2-site cells: that bin keeps 2/3
+    assert counts["positives"] == 2 and counts["positives_examples"] == 6
+    assert np.allclose(read_positives(samples, tokenizer, 320)[1], [2 / 3, 1 / 3])  # as sampled: one example each
+
+    config = config_for(records, tmp_path / "relabel", **{"data.max_length": 320, "data.positives": str(samples),
+                                                          "data.positives_per_batch": 2, "data.positives_relabel": True})
+    assert len(_Trainer(config, tmp_path / "relabel", 0, 1, 0).positives) == 6
+    with pytest.raises(CrystalError, match="data.positives_relabel needs data.positives"):
+        config_for(records, tmp_path / "refused", **{"data.positives_relabel": True})

@@ -51,6 +51,9 @@ class DataSection:
     # Whose atom-count distribution the drawn positives follow: "own" (the samples', invalid ones included) or
     # "train" (the train records': pulls the model back towards the data's larger cells)
     positives_sizes: str = "own"
+    # true: imitate each valid positive under the unconditional prompt, its own formula's and its own space
+    # group's (data.relabeled_prompts, hindsight relabelling) instead of the prompt it was sampled under
+    positives_relabel: bool = False
 
 
 @dataclass
@@ -145,6 +148,8 @@ def _check_ranges(config: RunConfig, where: str) -> None:
     if d.positives_per_batch < 0 or bool(d.positives) != (d.positives_per_batch > 0):
         raise CrystalError(f"{where}: data.positives and data.positives_per_batch >= 1 go together, "
                            f"got {d.positives!r} and {d.positives_per_batch}")
+    if d.positives_relabel and not d.positives:
+        raise CrystalError(f"{where}: data.positives_relabel needs data.positives")
 
 
 def saved_config(run_dir: Path) -> RunConfig:

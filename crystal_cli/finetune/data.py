@@ -222,8 +222,21 @@ def size_shares(examples: list[Example]) -> np.ndarray:
     return counts / max(counts.sum(), 1.0)
 
 
-def read_positives(path: Path, tokenizer, max_length: int,
-                   shares: np.ndarray | None = None) -> tuple[list[Example], np.ndarray, dict]:
+def relabeled_prompts(structure) -> list[str]:
+    """The prompts a valid sample answers truly, whatever it was sampled under: the unconditional one, its
+    own reduced formula and, where spglib finds one, its own space group (codec.spacegroup_number, the
+    reading the conditional bench checks). Hindsight relabelling (Andrychowicz et al. 2017): every valid own
+    sample becomes a correct example of the formula and space-group tasks too, and a sample drawn under a
+    condition it misses is never imitated under that condition."""
+    prompts = [codec.unconditional_prompt(), codec.conditional_prompt({"formula": codec.reduced_formula(structure)})]
+    group = codec.spacegroup_number(structure)
+    if group is not None:
+        prompts.append(codec.conditional_prompt({"spacegroup": group}))
+    return prompts
+
+
+def read_positives(path: Path, tokenizer, max_length: int, shares: np.ndarray | None = None,
+                   relabel: bool = False) -> tuple[list[Example], np.ndarray, dict]:
     """data.positives: the model's own samples that are valid crystals (structurally and compositionally, as
     `crystal evaluate` counts them) as examples to imitate, the probability of drawing each, and counts.
 
@@ -232,11 +245,14 @@ def read_positives(path: Path, tokenizer, max_length: int,
     share in `shares`) / (the valid samples kept in that bin): in expectation the drawn positives have the
     atom-count distribution `shares` (size_shares of the train records: data.positives_sizes = "train"), or,
     with None, that of all the samples read ("own"), so that only the invalid ones within each bin are
-    filtered out. A bin with no valid sample gets nothing and the others are renormalised."""
+    filtered out. A bin with no valid sample gets nothing and the others are renormalised.
+
+    relabel (data.positives_relabel): each valid sample is imitated under every prompt of relabeled_prompts
+    instead of the one it was sampled under, its probability split evenly among them."""
     from crystal_cli.evaluate.validity import check
 
     rows, unreadable = _read_samples(path)
-    kept, kept_bins, too_long, invalid = [], [], 0, 0
+    kept, kept_bins, kept_shares, too_long, invalid = [], [], [], 0, 0
     read_bins = np.zeros(len(ATOM_BINS) + 1)
     for row in rows:
         parsed = codec.parse_crystal(row["text"])
@@ -248,23 +264,28 @@ def read_positives(path: Path, tokenizer, max_length: int,
         if not check(parsed.structure).valid:
             invalid += 1
             continue
-        example = _own_example(tokenizer, row, imitate=True)
-        if example.length > max_length:
+        prompts = relabeled_prompts(parsed.structure) if relabel else [row["prompt"]]
+        examples = [_own_example(tokenizer, {**row, "prompt": prompt}, imitate=True) for prompt in prompts]
+        if any(e.length > max_length for e in examples):
             too_long += 1
             continue
-        kept.append(example)
-        kept_bins.append(size)
+        kept.extend(examples)
+        kept_bins.extend([size] * len(examples))
+        kept_shares.extend([1 / len(examples)] * len(examples))
     if not kept:
         raise CrystalError(f"{path}: no valid crystal among {len(rows)} samples (data.positives needs "
                            "`crystal generate` jsonl output)")
-    kept_bins = np.array(kept_bins)
+    kept_bins, kept_shares = np.array(kept_bins), np.array(kept_shares)
     target = read_bins / read_bins.sum() if shares is None else np.asarray(shares, dtype=float)
-    weights = target[kept_bins] / np.bincount(kept_bins, minlength=len(read_bins))[kept_bins]
+    samples_in_bin = np.bincount(kept_bins, weights=kept_shares, minlength=len(read_bins))
+    weights = target[kept_bins] * kept_shares / samples_in_bin[kept_bins]
     if weights.sum() <= 0:
         raise CrystalError(f"{path}: no valid crystal in an atom-count bin the train records have")
-    return kept, weights / weights.sum(), {"positives_read": len(rows) + unreadable, "positives": len(kept),
-                                           "positives_unreadable": unreadable, "positives_invalid": invalid,
-                                           "positives_too_long": too_long}
+    counts = {"positives_read": len(rows) + unreadable, "positives": round(kept_shares.sum()),
+              "positives_unreadable": unreadable, "positives_invalid": invalid, "positives_too_long": too_long}
+    if relabel:
+        counts["positives_examples"] = len(kept)
+    return kept, weights / weights.sum(), counts
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -214,7 +214,8 @@ class _Trainer:
         if data.positives:
             path = Path(data.positives).expanduser()
             shares = size_shares(self.train_examples) if data.positives_sizes == "train" else None
-            self.positives, self.positive_p, positive_counts = read_positives(path, self.tokenizer, data.max_length, shares)
+            self.positives, self.positive_p, positive_counts = read_positives(
+                path, self.tokenizer, data.max_length, shares, data.positives_relabel)
             if self.overlaps is not None:
                 self.positives = [with_overlaps(e, self.overlaps) for e in self.positives]
             positive_counts["positives_sha256"] = runs.fingerprint(path)
