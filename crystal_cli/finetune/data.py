@@ -301,11 +301,22 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+PAD_MULTIPLE = 32  # batch widths are rounded up to this: see collate
+
+
 def collate(examples: list[Example], pad_id: int, n_digits: int = 0) -> dict:
     """Right-padded input_ids / attention_mask / labels (prompt and padding ignored by the loss); with
     `n_digits`, also `avoid` (batch, width, n_digits): each label position's overlapping digits; with any
-    example not to imitate, also `imitate` (batch, width): the label positions the cross-entropy counts."""
-    width = max(e.length for e in examples)
+    example not to imitate, also `imitate` (batch, width): the label positions the cross-entropy counts.
+
+    The width is the longest example rounded up to PAD_MULTIPLE, so that batches share a dozen tensor sizes
+    instead of each having its own: on CPU glibc's heap (kept, not trimmed: runtime.configure_process) then
+    reuses freed blocks instead of fragmenting. Seen once on a 2-core Xeon (384x8 full fine-tune, 14 examples a
+    batch): exact widths fell from 1,190 to 660 tokens/s in 15 minutes with RSS growing 0.2 GB a minute and 21 %
+    of the time in _int_malloc; after this change, resumed, ~1,000 tokens/s and 0.05 GB a minute 20 minutes in
+    (malloc still 16 %). Right padding changes no loss: causal attention keeps real tokens from seeing it and
+    the labels ignore it."""
+    width = -(-max(e.length for e in examples) // PAD_MULTIPLE) * PAD_MULTIPLE
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
