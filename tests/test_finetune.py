@@ -569,3 +569,29 @@ def test_relabelled_positives_are_imitated_under_the_conditions_they_truly_meet(
     assert len(_Trainer(config, tmp_path / "relabel", 0, 1, 0).positives) == 6
     with pytest.raises(CrystalError, match="data.positives_relabel needs data.positives"):
         config_for(records, tmp_path / "refused", **{"data.positives_relabel": True})
+
+
+def test_even_formulas_give_each_composition_of_a_size_the_same_share(full_run, records, tmp_path):
+    """data.positives_even_formulas: two valid NaCl cells and one KBr cell of the same size share their bin's
+    probability by formula (NaCl's half split between its two samples) instead of by sample, so the model's
+    favourite compositions are not amplified; the other bin is untouched. Without data.positives it is refused."""
+    from crystal_cli.finetune.data import read_positives
+
+    run, _ = full_run
+    _, tokenizer = load_trained(run)
+    prompt = codec.unconditional_prompt()
+    pairs = [("4.0", "Na", "Cl"), ("4.1", "Na", "Cl"), ("4.3", "K", "Br")]
+    texts = [f"{a} {a} {a}\n90 90 90\n{x}\n0.00 0.00 0.00\n{y}\n0.50 0.50 0.50" for a, x, y in pairs]
+    sites = [("Na", "0.00 0.00 0.00"), ("Na", "0.50 0.50 0.00"), ("Na", "0.50 0.00 0.50"), ("Na", "0.00 0.50 0.50"),
+             ("Cl", "0.50 0.00 0.00"), ("Cl", "0.00 0.50 0.00"), ("Cl", "0.00 0.00 0.50"), ("Cl", "0.50 0.50 0.50")]
+    texts.append("5.6 5.6 5.6\n90 90 90\n" + "\n".join(f"{el}\n{xyz}" for el, xyz in sites))
+    samples = tmp_path / "own.jsonl"
+    samples.write_text("\n".join(json.dumps({"prompt": prompt, "text": t}) for t in texts) + "\n")
+    assert np.allclose(read_positives(samples, tokenizer, 320)[1], [0.25] * 4)
+    examples, p, counts = read_positives(samples, tokenizer, 320, even_formulas=True)
+    assert [e.completion for e in examples] == texts and counts["positives"] == 4
+    assert np.allclose(p, [0.1875, 0.1875, 0.375, 0.25])
+    relabeled = read_positives(samples, tokenizer, 320, relabel=True, even_formulas=True)[1]
+    assert np.allclose(relabeled.reshape(4, 3).sum(axis=1), [0.1875, 0.1875, 0.375, 0.25])
+    with pytest.raises(CrystalError, match="data.positives_even_formulas needs data.positives"):
+        config_for(records, tmp_path / "refused", **{"data.positives_even_formulas": True})

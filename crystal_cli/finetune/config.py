@@ -54,6 +54,9 @@ class DataSection:
     # true: imitate each valid positive under the unconditional prompt, its own formula's and its own space
     # group's (data.relabeled_prompts, hindsight relabelling) instead of the prompt it was sampled under
     positives_relabel: bool = False
+    # true: within each atom-count bin every reduced formula of the valid positives is drawn equally often,
+    # split among its samples, instead of every sample (data.read_positives: the model's favourites not amplified)
+    positives_even_formulas: bool = False
 
 
 @dataclass
@@ -148,8 +151,9 @@ def _check_ranges(config: RunConfig, where: str) -> None:
     if d.positives_per_batch < 0 or bool(d.positives) != (d.positives_per_batch > 0):
         raise CrystalError(f"{where}: data.positives and data.positives_per_batch >= 1 go together, "
                            f"got {d.positives!r} and {d.positives_per_batch}")
-    if d.positives_relabel and not d.positives:
-        raise CrystalError(f"{where}: data.positives_relabel needs data.positives")
+    for key in ("positives_relabel", "positives_even_formulas"):
+        if getattr(d, key) and not d.positives:
+            raise CrystalError(f"{where}: data.{key} needs data.positives")
 
 
 def saved_config(run_dir: Path) -> RunConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,7 +237,7 @@ def relabeled_prompts(structure) -> list[str]:
 
 
 def read_positives(path: Path, tokenizer, max_length: int, shares: np.ndarray | None = None,
-                   relabel: bool = False) -> tuple[list[Example], np.ndarray, dict]:
+                   relabel: bool = False, even_formulas: bool = False) -> tuple[list[Example], np.ndarray, dict]:
     """data.positives: the model's own samples that are valid crystals (structurally and compositionally, as
     `crystal evaluate` counts them) as examples to imitate, the probability of drawing each, and counts.
 
@@ -248,11 +249,15 @@ def read_positives(path: Path, tokenizer, max_length: int, shares: np.ndarray | 
     filtered out. A bin with no valid sample gets nothing and the others are renormalised.
 
     relabel (data.positives_relabel): each valid sample is imitated under every prompt of relabeled_prompts
-    instead of the one it was sampled under, its probability split evenly among them."""
+    instead of the one it was sampled under, its probability split evenly among them.
+
+    even_formulas (data.positives_even_formulas): within each atom-count bin every reduced formula gets the same
+    share, split among its samples, instead of every sample: imitating the valid samples as they come amplifies
+    the compositions the model already repeats (a third round took LiPd from 2 to 12 of 200 samples)."""
     from crystal_cli.evaluate.validity import check
 
     rows, unreadable = _read_samples(path)
-    kept, kept_bins, kept_shares, too_long, invalid = [], [], [], 0, 0
+    kept, kept_bins, kept_shares, kept_keys, too_long, invalid = [], [], [], [], 0, 0
     read_bins = np.zeros(len(ATOM_BINS) + 1)
     for row in rows:
         parsed = codec.parse_crystal(row["text"])
@@ -272,16 +277,23 @@ def read_positives(path: Path, tokenizer, max_length: int, shares: np.ndarray | 
         kept.extend(examples)
         kept_bins.extend([size] * len(examples))
         kept_shares.extend([1 / len(examples)] * len(examples))
+        kept_keys.extend([(size, parsed.structure.composition.reduced_formula)] * len(examples))
     if not kept:
         raise CrystalError(f"{path}: no valid crystal among {len(rows)} samples (data.positives needs "
                            "`crystal generate` jsonl output)")
     kept_bins, kept_shares = np.array(kept_bins), np.array(kept_shares)
+    samples = round(kept_shares.sum())
+    if even_formulas:  # each sample's share divided by its formula's sample count within the bin
+        per_formula = Counter()
+        for key, share in zip(kept_keys, kept_shares):
+            per_formula[key] += share
+        kept_shares = kept_shares / np.array([per_formula[key] for key in kept_keys])
     target = read_bins / read_bins.sum() if shares is None else np.asarray(shares, dtype=float)
     samples_in_bin = np.bincount(kept_bins, weights=kept_shares, minlength=len(read_bins))
     weights = target[kept_bins] * kept_shares / samples_in_bin[kept_bins]
     if weights.sum() <= 0:
         raise CrystalError(f"{path}: no valid crystal in an atom-count bin the train records have")
-    counts = {"positives_read": len(rows) + unreadable, "positives": round(kept_shares.sum()),
+    counts = {"positives_read": len(rows) + unreadable, "positives": samples,
               "positives_unreadable": unreadable, "positives_invalid": invalid, "positives_too_long": too_long}
     if relabel:
         counts["positives_examples"] = len(kept)

@@ -215,7 +215,7 @@ class _Trainer:
             path = Path(data.positives).expanduser()
             shares = size_shares(self.train_examples) if data.positives_sizes == "train" else None
             self.positives, self.positive_p, positive_counts = read_positives(
-                path, self.tokenizer, data.max_length, shares, data.positives_relabel)
+                path, self.tokenizer, data.max_length, shares, data.positives_relabel, data.positives_even_formulas)
             if self.overlaps is not None:
                 self.positives = [with_overlaps(e, self.overlaps) for e in self.positives]
             positive_counts["positives_sha256"] = runs.fingerprint(path)
