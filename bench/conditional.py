@@ -5,6 +5,8 @@ grammar pins the composition, so the exact-composition rate must be 100 %) and K
 set to the test row's space group, and reports the fraction whose space group found by pymatgen's
 SpacegroupAnalyzer (symprec 0.1) matches — the number Crystal-LLM users asked for (their issue #17) — next to
 the rate expected if space groups were drawn from the mp20-open train distribution (the no-skill baseline).
+The same for the crystal system of the group found (partial credit: a model that writes a hexagonal cell for
+P6_3/mmc but misses a symmetry element has learnt something the exact match does not show).
 
     python bench/conditional.py                     # shipped default model, 20 formulas x 5 samples
     python bench/conditional.py --model runs/NAME --formulas 50 -k 10
@@ -49,13 +51,24 @@ def pick_targets(test_csv: Path, count: int, max_atoms: int, seed: int) -> list[
              "spacegroup": codec.spacegroup_number(rows[i][1])} for i in sorted(order)]
 
 
-def train_spacegroup_share(records: Path, groups: list[int]) -> float:
-    """Mean probability that a crystal drawn from the train split has the target's group (no-skill rate)."""
+def crystal_system(group: int | None) -> str | None:
+    from pymatgen.symmetry.groups import SpaceGroup
+
+    return SpaceGroup.from_int_number(group).crystal_system if group else None
+
+
+def train_shares(records: Path, groups: list[int]) -> tuple[float, float]:
+    """Mean probability that a crystal drawn from the train split has the target's group, and the target's
+    crystal system (the no-skill rates)."""
     from crystal_cli.structure_io import read_jsonl
 
     counts = Counter(r["spacegroup"] for r in read_jsonl(records / "train.jsonl") if r["task"] == "unconditional")
+    systems = Counter()
+    for group, count in counts.items():
+        systems[crystal_system(group)] += count
     total = sum(counts.values())
-    return sum(counts[g] / total for g in groups) / len(groups)
+    return (sum(counts[g] / total for g in groups) / len(groups),
+            sum(systems[crystal_system(g)] / total for g in groups) / len(groups))
 
 
 def main() -> None:
@@ -79,7 +92,7 @@ def main() -> None:
         raise SystemExit(f"conditional: {args.test} is missing (../shared/data beside the checkout)")
     args.out.mkdir(parents=True, exist_ok=True)
     targets = pick_targets(args.test, args.formulas, args.max_atoms, args.seed)
-    composition_hits = composition_n = group_hits = group_n = 0
+    composition_hits = composition_n = group_hits = group_n = system_hits = 0
     per_target = []
     for i, target in enumerate(targets):
         result = dict(target)
@@ -101,8 +114,11 @@ def main() -> None:
                 # None (unparsed, or spglib gave up) counts as a miss
                 found = [codec.spacegroup_number(s) if s is not None else None for s in structures]
                 hits = sum(g == target["spacegroup"] for g in found)
+                same_system = sum(crystal_system(g) == crystal_system(target["spacegroup"]) for g in found)
                 group_hits, group_n = group_hits + hits, group_n + len(structures)
+                system_hits += same_system
                 result["spacegroup_match"] = f"{hits}/{len(structures)}"
+                result["crystal_system_match"] = f"{same_system}/{len(structures)}"
                 result["spacegroups_found"] = found
         per_target.append(result)
         print(f"{target['formula']:>14s} (sg {target['spacegroup']:3d}): composition {result['exact_composition']}, "
@@ -111,13 +127,17 @@ def main() -> None:
     from crystal_cli.evaluate.stats import wilson
 
     composition, groups = wilson(composition_hits, composition_n), wilson(group_hits, group_n)
-    baseline = train_spacegroup_share(args.records, [t["spacegroup"] for t in targets]) if args.records.exists() else None
+    systems = wilson(system_hits, group_n)
+    baseline, system_baseline = (train_shares(args.records, [t["spacegroup"] for t in targets])
+                                 if args.records.exists() else (None, None))
     summary = {
         "model": args.model or "default (models/default)", "formulas": len(targets), "k": args.k,
         "temperature": args.temperature, "symprec": codec.SYMPREC,
         "exact_composition": composition.as_dict(),
         "spacegroup_match": groups.as_dict(),
         "spacegroup_no_skill_rate": baseline,
+        "crystal_system_match": systems.as_dict(),
+        "crystal_system_no_skill_rate": system_baseline,
         "targets": per_target,
     }
     (args.out / "conditional.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -126,6 +146,9 @@ def main() -> None:
     print(f"--spacegroup: symmetry matches (symprec {codec.SYMPREC}) {group_hits}/{group_n} = {groups.rate:.1%} "
           f"(95 % CI {groups.low:.1%}–{groups.high:.1%})"
           + (f"; no-skill rate from the train distribution {baseline:.1%}" if baseline is not None else ""))
+    print(f"--spacegroup: crystal system matches {system_hits}/{group_n} = {systems.rate:.1%} "
+          f"(95 % CI {systems.low:.1%}–{systems.high:.1%})"
+          + (f"; no-skill rate {system_baseline:.1%}" if system_baseline is not None else ""))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,11 @@ Columns: tokens/s (non-padding input tokens), crystals/s (examples per second), 
 measured matmul peak (fp32 or bf16, whichever the row computes in; model FLOPs counted as 2 per weight per
 token forward, 2 more backward for activations, 2 more for trained weights), seconds per step, peak RSS,
 and the ratio to today's loop.
+`--padding N` instead prints the share of padding in `crystal finetune`'s length-bucketed batches of the first
+N train records, at exact widths and at collate's rounded ones: the most that packing examples into rows could
+recover.
 Usage: .venv/bin/python bench/train_throughput.py [--steps 3] [--batch 8] [--length 384] [--rows today,...]
+       .venv/bin/python bench/train_throughput.py --padding 6144
 """
 
 from __future__ import annotations
@@ -148,6 +152,23 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
             "batch": list(data["input_ids"].shape), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def padding_shares(count: int, batch: int, length: int) -> dict[int, float]:
+    """Padding share of `count` train records in epoch 0's bucketed batches, per width multiple."""
+    from transformers import AutoTokenizer
+
+    from crystal_cli.bases import resolve_base
+    from crystal_cli.finetune.data import PAD_MULTIPLE, epoch_batches, make_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_base("scratch-384x8")))  # SmolLM2's
+    examples, _ = make_examples(tokenizer, training_records(count), length)
+    lengths = [e.length for e in examples]
+    shares = {}
+    for multiple in (1, PAD_MULTIPLE):
+        widths = [-(-max(lengths[i] for i in b) // multiple) * multiple * len(b) for b in epoch_batches(lengths, batch, 0, 0)]
+        shares[multiple] = 1 - sum(lengths) / sum(widths)
+    return shares
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all)")
@@ -156,8 +177,14 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=384, help="longest example kept (tokens)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", type=Path, default=REPO / "runs" / "bench-train-throughput.json")
+    parser.add_argument("--padding", type=int, metavar="N", help="print the padding share of N train records' batches")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.padding:
+        for multiple, share in padding_shares(args.padding, args.batch, args.length).items():
+            print(f"{args.padding} train records, batches of {args.batch}, widths a multiple of {multiple}: "
+                  f"padding {share:.1%} of the tokens (packing could give at most {1 / (1 - share):.2f}x)")
+        return
     if args.one:
         print(json.dumps(measure(args.one, args.steps, args.batch, args.length, args.warmup)))
         return
