@@ -207,3 +207,42 @@ def test_pairs_count_each_target_once_when_records_repeat_it(tmp_path):
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     stats = build_pairs(tmp_path / "records.jsonl", tmp_path / "pairs", NOISE, PairOptions(samples_per_target=1, seed=0))
     assert stats["this_run"]["targets"] == 3 and stats["this_run"]["skipped"]["duplicate"] == 4
+
+
+def test_llm_pairs_become_a_formula_conditioned_positives_pool(tmp_path):
+    """training/pairs_pool.py: the c0 of each LLM pair, written back in the training text under the formula
+    prompt it was drawn with (perturbed pairs are not LLM samples and are left out); the pool is read by
+    read_positives, which keeps the valid sample and drops the stacked one. An existing output is kept."""
+    import subprocess
+    import sys
+
+    from crystal_cli.codec import conditional_prompt, parse_crystal
+    from crystal_cli.finetune.data import read_positives
+    from crystal_cli.flow.pairs import make_pair
+    from transformers import AutoTokenizer
+
+    from crystal_cli.bases import smollm2_tokenizer
+
+    zno, tio2 = TARGETS["ZnO"], TARGETS["TiO2"]
+    stacked = tio2.copy()
+    stacked.replace(1, "Ti", [0, 0, 0])  # two Ti on one site: parses, but is not a valid crystal
+    rows = [make_pair("ZnO#0", "ZnO", zno.copy().perturb(0.05), zno, "llm"),
+            make_pair("TiO2#0", "TiO2", stacked, tio2, "llm"),
+            make_pair("TiO2#p", "TiO2", tio2.copy().perturb(0.05), tio2, "perturbed")]
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = tmp_path / "pool.jsonl"
+    script = [sys.executable, str(REPO / "training" / "pairs_pool.py"), str(tmp_path / "pairs"), "-o", str(pool)]
+    subprocess.run(script, check=True, capture_output=True)
+    written = read_jsonl(pool)
+    assert [(r["id"], r["prompt"]) for r in written] == [("ZnO#0", conditional_prompt({"formula": "ZnO"})),
+                                                        ("TiO2#0", conditional_prompt({"formula": "TiO2"}))]
+    back = parse_crystal(written[0]["text"]).structure
+    assert back.composition.reduced_formula == "ZnO" and len(back) == 4
+    assert back.lattice.abc == pytest.approx(Structure.from_dict(rows[0]["c0"]).lattice.abc, abs=0.051)  # lengths to 0.1 Å
+
+    examples, _, counts = read_positives(pool, AutoTokenizer.from_pretrained(str(smollm2_tokenizer())), 320)
+    assert counts["positives"] == 1 and [e.completion for e in examples] == [written[0]["text"]]
+    before = pool.read_bytes()
+    refused = subprocess.run(script, capture_output=True, text=True)
+    assert refused.returncode != 0 and "exists" in refused.stderr and pool.read_bytes() == before
