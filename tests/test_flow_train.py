@@ -216,12 +216,12 @@ def test_llm_pairs_become_a_formula_conditioned_positives_pool(tmp_path):
     import subprocess
     import sys
 
-    from crystal_cli.codec import conditional_prompt, parse_crystal
-    from crystal_cli.finetune.data import read_positives
-    from crystal_cli.flow.pairs import make_pair
     from transformers import AutoTokenizer
 
     from crystal_cli.bases import smollm2_tokenizer
+    from crystal_cli.codec import conditional_prompt, parse_crystal
+    from crystal_cli.finetune.data import read_positives
+    from crystal_cli.flow.pairs import make_pair
 
     zno, tio2 = TARGETS["ZnO"], TARGETS["TiO2"]
     stacked = tio2.copy()

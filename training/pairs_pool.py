@@ -36,26 +36,29 @@ def main() -> None:
     from pymatgen.core import Structure
 
     from crystal_cli import codec
-    from crystal_cli.flow.pairs import pairs_file
+    from crystal_cli.errors import CrystalError
+    from crystal_cli.flow.pairs import LLMSamples, pairs_file
     from crystal_cli.runs import write_jsonl
     from crystal_cli.structure_io import read_jsonl
 
     if args.output.exists():
         raise SystemExit(f"pairs_pool: {args.output} exists; not overwriting it")
-    rows = [row for row in read_jsonl(pairs_file(args.pairs)) if row.get("source") == "llm"]
+    try:
+        rows = [row for row in read_jsonl(pairs_file(args.pairs)) if row.get("source") == LLMSamples.name]
+    except CrystalError as error:
+        raise SystemExit(f"pairs_pool: {error}") from None
     if not rows:
         raise SystemExit(f"pairs_pool: {args.pairs} holds no LLM pairs (`crystal flow pairs --model …`)")
     if args.limit and args.limit < len(rows):
         keep = np.sort(np.random.default_rng(args.seed).permutation(len(rows))[:args.limit])
         rows = [rows[i] for i in keep]
-    lines = []
+    samples = []
     for row in rows:
         c0 = Structure.from_dict(row["c0"])
-        sample = {"id": row["id"], "prompt": codec.conditional_prompt({"formula": codec.reduced_formula(c0)}),
-                  "text": codec.encode_structure(c0), "source": f"{args.pairs}:{row['id']}"}
-        lines.append(sample)
-    write_jsonl(args.output, lines)
-    print(f"{len(lines)} formula-conditioned samples -> {args.output}")
+        samples.append({"id": row["id"], "prompt": codec.conditional_prompt({"formula": codec.reduced_formula(c0)}),
+                        "text": codec.encode_structure(c0), "source": f"{args.pairs}:{row['id']}"})
+    write_jsonl(args.output, samples)
+    print(f"{len(samples)} formula-conditioned samples -> {args.output}")
 
 
 if __name__ == "__main__":
