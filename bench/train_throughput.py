@@ -5,10 +5,14 @@ real mp20-open training records (all six tasks, or pymatgen-built cells without 
 warm-up steps, then times N optimizer steps of the loss `crystal finetune` computes:
 
 * plain:        model(input_ids, attention_mask, labels=labels).loss, the textbook transformers loop
-* today:        crystal_cli.finetune.model.completion_nll (lm_head on completion positions only), fp32
+* today:        crystal_cli.finetune.model.completion_nll (lm_head on completion positions only), fp32,
+                torch's default (flash) CPU attention
 * + crystal vocab: the softmax over the grammar's crystal tokens only (train.loss_vocab = "crystal")
 * + bf16:       bf16 autocast, only where the CPU multiplies bf16 natively (avx512_bf16 / AMX)
 * + bf16 weights: the frozen base held in bf16 (no cast of every weight at every step; LoRA stays fp32)
+* + no LoRA dropout: lora.dropout = 0 (peft then skips the dropout of every adapted layer's input)
+* + math attention: scaled_dot_product_attention's math path instead of the CPU flash kernel (what
+                crystal finetune now runs on a CPU: finetune.model.compute_context)
 * + compile:    the decoder compiled by torch.compile (inductor, dynamic shapes; measured slower, not in finetune)
 * + 1 thread:   the same on one torch thread (a second process would take the other core)
 * candidate models at the best setting: SmolLM2-135M cut to its first 12 layers (LoRA and full), and a
@@ -51,6 +55,10 @@ ROWS = {  # name -> settings; later rows add one change to the row before
     "+ bf16": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0},
     "+ bf16 weights": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
                                    "weights": "bf16"},
+    "+ no LoRA dropout": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
+                                      "dropout": 0.0},
+    "+ math attention": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
+                                     "dropout": 0.0, "attention": "math"},
     "+ compile": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
                               "compile": True},
     "+ 1 thread": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 1},
@@ -60,6 +68,8 @@ ROWS = {  # name -> settings; later rows add one change to the row before
                                    "precision": "bf16", "threads": 0},
     "scratch-384x8 full": {"base": "scratch-384x8", "method": "full", "loop": "crystal", "vocab": "crystal",
                             "precision": "bf16", "threads": 0},
+    "scratch-384x8 full + math attention": {"base": "scratch-384x8", "method": "full", "loop": "crystal",
+                                           "vocab": "crystal", "precision": "bf16", "threads": 0, "attention": "math"},
 }
 
 
@@ -102,7 +112,7 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
     from crystal_cli.bases import resolve_base
     from crystal_cli.finetune.config import ALL_LINEAR
     from crystal_cli.finetune.data import collate, make_examples
-    from crystal_cli.finetune.model import LossVocab, completion_nll, crystal_vocab
+    from crystal_cli.finetune.model import LossVocab, completion_nll, compute_context, crystal_vocab
     from crystal_cli.models import load_base
 
     torch.manual_seed(0)
@@ -110,8 +120,9 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
     net, tokenizer = load_base(resolve_base(settings["base"]), "cpu", frozen)
     model = net
     if settings["method"] == "lora":
-        model = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=ALL_LINEAR,
-                                               task_type="CAUSAL_LM"))
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=settings.get("dropout", 0.05), target_modules=ALL_LINEAR,
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(net, lora)
         net = model.get_base_model()
     if settings.get("compile"):
         net.get_decoder().compile(dynamic=True)
@@ -124,10 +135,15 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
         vocab = LossVocab.of(crystal_vocab(tokenizer, examples), head_rows, "cpu")
         head_rows = len(vocab.ids)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings["precision"] == "bf16")
+    bf16 = torch.bfloat16 if settings["precision"] == "bf16" else None
+
+    def context():  # crystal finetune's (CPU math attention) or the fused-kernel attention before it
+        if settings.get("attention") == "math":
+            return compute_context(torch.device("cpu"), bf16)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 is not None)
 
     def step() -> None:
-        with autocast:
+        with context():
             if settings["loop"] == "plain":
                 loss = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"], labels=data["labels"]).loss
             else:

@@ -201,6 +201,28 @@ def conditional_prompt(conditions: Mapping[str, object] | None = None) -> str:
     return PROMPT_HEADER + "".join(sentences) + GENERATION_INSTRUCTION
 
 
+def prompt_conditions(prompt: str) -> dict[str, object] | None:
+    """The conditions a generation prompt asks for (the inverse of conditional_prompt: {} for the unconditional
+    prompt), or None for any other text, an infill prompt included. A `crystal generate` jsonl keeps each
+    sample's prompt, not its options: this is how a sample is checked against what it was asked for."""
+    if not (prompt.startswith(PROMPT_HEADER) and prompt.endswith(GENERATION_INSTRUCTION)):
+        return None
+    body = prompt[len(PROMPT_HEADER):len(prompt) - len(GENERATION_INSTRUCTION)]
+    conditions: dict[str, object] = {}
+    for name, template in CONDITION_SENTENCES.items():
+        head, tail = template.split("{}")
+        end = body.find(tail, len(head)) if body.startswith(head) else -1
+        if end < 0:
+            continue
+        value = body[len(head):end]
+        try:
+            conditions[name] = value if name == "formula" else int(value) if name == "spacegroup" else float(value)
+        except ValueError:
+            return None
+        body = body[end + len(tail):]
+    return conditions if not body else None
+
+
 def unconditional_prompt() -> str:
     return conditional_prompt({})
 

@@ -513,7 +513,7 @@ def test_own_valid_samples_are_imitated_at_weights_that_keep_the_models_atom_cou
     with pytest.raises(CrystalError, match="no valid crystal in an atom-count bin the train records have"):
         read_positives(samples, tokenizer, 320, np.array([0, 0, 0, 0, 0, 1.0]))
     assert counts == {"positives_read": 5, "positives": 2, "positives_unreadable": 1, "positives_invalid": 2,
-                      "positives_too_long": 0}
+                      "positives_too_long": 0, "positives_off_condition": 0}
     assert "imitate" not in collate(examples, tokenizer.pad_token_id)  # imitated like train records
 
     pos_run = tmp_path / "pos"
@@ -564,13 +564,79 @@ def test_relabelled_positives_are_imitated_under_the_conditions_they_truly_meet(
     assert [e.completion for e in examples] == [cscl] * 3 + [rocksalt] * 3 and all(e.imitate for e in examples)
     assert np.allclose(p, [2 / 9] * 3 + [1 / 9] * 3)  # 2 of the 3 samples read are 2-site cells: that bin keeps 2/3
     assert counts["positives"] == 2 and counts["positives_examples"] == 6
-    assert np.allclose(read_positives(samples, tokenizer, 320)[1], [2 / 3, 1 / 3])  # as sampled: one example each
+    with pytest.raises(CrystalError, match="2 valid ones miss their prompt's formula or space group"):
+        read_positives(samples, tokenizer, 320)  # as sampled, neither meets space group 62: nothing to imitate
 
     config = config_for(records, tmp_path / "relabel", **{"data.max_length": 320, "data.positives": str(samples),
                                                           "data.positives_per_batch": 2, "data.positives_relabel": True})
     assert len(_Trainer(config, tmp_path / "relabel", 0, 1, 0).positives) == 6
     with pytest.raises(CrystalError, match="data.positives_relabel needs data.positives"):
         config_for(records, tmp_path / "refused", **{"data.positives_relabel": True})
+
+
+def test_positives_as_sampled_are_imitated_only_where_they_meet_their_prompt(full_run, tmp_path):
+    """Without relabelling, a valid sample is imitated under the prompt it was drawn under only if it has that
+    prompt's space group and formula (a --spacegroup pool is then rejection-sampling self-training of the
+    space-group task); the misses are counted, the size weights still see every sample read. codec's
+    prompt_conditions reads back what conditional_prompt wrote, and nothing else."""
+    from crystal_cli.finetune.data import read_positives
+
+    run, _ = full_run
+    _, tokenizer = load_trained(run)
+    for conditions in ({}, {"formula": "LiFePO4"}, {"spacegroup": 225}, {"formula": "NaCl", "spacegroup": 221,
+                                                                          "e_above_hull": 0.05, "band_gap": 1.25}):
+        assert codec.prompt_conditions(codec.conditional_prompt(conditions)) == conditions
+    assert codec.prompt_conditions(codec.infill_prompt(codec.parse_crystal(
+        "4.0 4.0 4.0\n90 90 90\nNa\n0.00 0.00 0.00\nCl\n0.50 0.50 0.50").structure, "Na")) is None
+    assert codec.prompt_conditions(codec.conditional_prompt({}).replace("bulk", "thin")) is None
+
+    cscl = "4.0 4.0 4.0\n90 90 90\nNa\n0.00 0.00 0.00\nCl\n0.50 0.50 0.50"  # Pm-3m, 221
+    rows = [({"spacegroup": 221}, cscl), ({"spacegroup": 225}, cscl), ({"formula": "KBr"}, cscl),
+            ({"formula": "Na2Cl2", "spacegroup": 221}, cscl), ({"e_above_hull": 0.0}, cscl)]
+    samples = tmp_path / "sg.jsonl"
+    samples.write_text("".join(json.dumps({"prompt": codec.conditional_prompt(c), "text": t}) + "\n" for c, t in rows))
+    examples, p, counts = read_positives(samples, tokenizer, 320)
+    kept = [tokenizer(codec.conditional_prompt(c))["input_ids"] for c, _ in (rows[0], rows[3], rows[4])]
+    assert [e.prompt_ids for e in examples] == kept and np.allclose(p, [1 / 3] * 3)
+    assert counts["positives"] == 3 and counts["positives_off_condition"] == 2 and counts["positives_invalid"] == 0
+    assert len(read_positives(samples, tokenizer, 320, relabel=True)[0]) == 5 * 3  # relabelled: all five, 3 prompts
+
+
+def test_spacegroup_pool_draws_each_group_at_its_share_and_feeds_read_positives(tmp_path):
+    """training/spacegroup_pool.py through the real sampler (the tiny base's GGUF): the samples are shared among
+    the groups with enough train crystals in proportion to count**power, each drawn under its group's prompt;
+    summary.json's hits are the samples whose space group is the one asked for (meets_prompt: the filter
+    read_positives applies to pool.jsonl without relabelling)."""
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from crystal_cli.export import cached_export
+    from crystal_cli.finetune.data import meets_prompt
+    from crystal_cli.structure_io import read_jsonl
+
+    sys.path.insert(0, str(REPO / "training"))
+    from spacegroup_pool import allocate
+
+    assert allocate(Counter({225: 400, 62: 100, 1: 3}), 6, 0.5, 20) == {62: 2, 225: 4}
+    assert allocate(Counter({225: 400, 62: 100, 1: 3}), 5, 1.0, 1) == {62: 1, 225: 4}
+    records = tmp_path / "records"
+    records.mkdir()
+    rows = [{"task": "unconditional", "spacegroup": g} for g in [225] * 4 + [221]] + [{"task": "formula", "spacegroup": 2}]
+    (records / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "pool"
+    done = subprocess.run([sys.executable, str(REPO / "training" / "spacegroup_pool.py"), "-m", str(cached_export("tiny", "f16")),
+                           "-o", str(out), "-n", "6", "--records", str(records), "--min-train", "1", "--power", "1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pool = read_jsonl(out / "pool.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert {g: v["samples"] for g, v in summary["groups"].items()} == {"221": 1, "225": 5} and len(pool) == 6
+    assert Counter(r["prompt"] for r in pool) == {codec.conditional_prompt({"spacegroup": 225}): 5,
+                                                  codec.conditional_prompt({"spacegroup": 221}): 1}
+    structures = [codec.parse_crystal(r["text"]).structure for r in pool]
+    hits = [s is not None and meets_prompt(r["prompt"], s) for r, s in zip(pool, structures)]
+    assert summary["hits"] == sum(hits)
 
 
 def test_even_formulas_give_each_composition_of_a_size_the_same_share(full_run, records, tmp_path):

@@ -236,6 +236,22 @@ def relabeled_prompts(structure) -> list[str]:
     return prompts
 
 
+def meets_prompt(prompt: str, structure) -> bool:
+    """Whether a structure has the reduced formula and the space group (codec.spacegroup_number, the reading the
+    conditional bench checks) its generation prompt asks for. Energy and band-gap conditions cannot be checked
+    without a calculation and pass; a prompt that is not a generation prompt fails."""
+    conditions = codec.prompt_conditions(prompt)
+    if conditions is None:
+        return False
+    if "formula" in conditions:
+        try:
+            if codec.parse_formula(str(conditions["formula"])).reduced_formula != codec.reduced_formula(structure):
+                return False
+        except ValueError:
+            return False
+    return "spacegroup" not in conditions or codec.spacegroup_number(structure) == conditions["spacegroup"]
+
+
 def read_positives(path: Path, tokenizer, max_length: int, shares: np.ndarray | None = None,
                    relabel: bool = False, even_formulas: bool = False) -> tuple[list[Example], np.ndarray, dict]:
     """data.positives: the model's own samples that are valid crystals (structurally and compositionally, as
@@ -248,6 +264,11 @@ def read_positives(path: Path, tokenizer, max_length: int, shares: np.ndarray | 
     with None, that of all the samples read ("own"), so that only the invalid ones within each bin are
     filtered out. A bin with no valid sample gets nothing and the others are renormalised.
 
+    Without relabel a valid sample is imitated under the prompt it was sampled under, so it must meet that
+    prompt's formula and space group (meets_prompt); one that misses them is skipped and counted
+    (positives_off_condition): imitating it would teach the model to ignore the condition. This is what makes
+    a pool drawn under --spacegroup prompts rejection-sampling self-training of the space-group task.
+
     relabel (data.positives_relabel): each valid sample is imitated under every prompt of relabeled_prompts
     instead of the one it was sampled under, its probability split evenly among them.
 
@@ -257,7 +278,7 @@ def read_positives(path: Path, tokenizer, max_length: int, shares: np.ndarray | 
     from crystal_cli.evaluate.validity import check
 
     rows, unreadable = _read_samples(path)
-    kept, kept_bins, kept_shares, kept_keys, too_long, invalid = [], [], [], [], 0, 0
+    kept, kept_bins, kept_shares, kept_keys, too_long, invalid, off_condition = [], [], [], [], 0, 0, 0
     read_bins = np.zeros(len(ATOM_BINS) + 1)
     for row in rows:
         parsed = codec.parse_crystal(row["text"])
@@ -269,6 +290,9 @@ def read_positives(path: Path, tokenizer, max_length: int, shares: np.ndarray | 
         if not check(parsed.structure).valid:
             invalid += 1
             continue
+        if not relabel and not meets_prompt(row["prompt"], parsed.structure):
+            off_condition += 1
+            continue
         prompts = relabeled_prompts(parsed.structure) if relabel else [row["prompt"]]
         examples = [_own_example(tokenizer, {**row, "prompt": prompt}, imitate=True) for prompt in prompts]
         if any(e.length > max_length for e in examples):
@@ -279,7 +303,8 @@ def read_positives(path: Path, tokenizer, max_length: int, shares: np.ndarray | 
         kept_shares.extend([1 / len(examples)] * len(examples))
         kept_keys.extend([(size, parsed.structure.composition.reduced_formula)] * len(examples))
     if not kept:
-        raise CrystalError(f"{path}: no valid crystal among {len(rows)} samples (data.positives needs "
+        met = f" ({off_condition} valid ones miss their prompt's formula or space group)" if off_condition else ""
+        raise CrystalError(f"{path}: no valid crystal among {len(rows)} samples{met} (data.positives needs "
                            "`crystal generate` jsonl output)")
     kept_bins, kept_shares = np.array(kept_bins), np.array(kept_shares)
     samples = round(kept_shares.sum())
@@ -294,7 +319,8 @@ def read_positives(path: Path, tokenizer, max_length: int, shares: np.ndarray | 
     if weights.sum() <= 0:
         raise CrystalError(f"{path}: no valid crystal in an atom-count bin the train records have")
     counts = {"positives_read": len(rows) + unreadable, "positives": samples,
-              "positives_unreadable": unreadable, "positives_invalid": invalid, "positives_too_long": too_long}
+              "positives_unreadable": unreadable, "positives_invalid": invalid, "positives_too_long": too_long,
+              "positives_off_condition": off_condition}
     if relabel:
         counts["positives_examples"] = len(kept)
     return kept, weights / weights.sum(), counts

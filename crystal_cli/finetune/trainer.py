@@ -38,7 +38,8 @@ from crystal_cli.finetune.config import CONFIG_FILE, RunConfig, saved_form
 from crystal_cli.finetune.data import (Example, OverlapDigits, collate, epoch_batches, imitated_tokens, load_splits,
                                        make_examples, read_negatives, read_positives, size_shares,
                                        translated, with_overlaps)
-from crystal_cli.finetune.model import CompletionNLL, LossVocab, completion_nll, crystal_vocab, device_and_dtype, trainable
+from crystal_cli.finetune.model import (CompletionNLL, LossVocab, completion_nll, compute_context, crystal_vocab,
+                                        device_and_dtype, trainable)
 from crystal_cli.models import load_base
 
 
@@ -251,10 +252,8 @@ class _Trainer:
 
     # ---------------------------------------------------------------------------------------- pieces
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def _compute(self):
+        return compute_context(self.device, self.autocast_dtype)
 
     def _micro_batch(self, index: int) -> list[Example]:
         """Global micro-batch `index` (across epochs), with its seeded per-draw translations applied."""
@@ -302,7 +301,7 @@ class _Trainer:
         sums = torch.zeros(3, dtype=torch.float64)  # nll, overlap mass, overlap positions
         for k, batch in enumerate(mine):
             sync = self.forward.no_sync() if self.world > 1 and k < len(mine) - 1 else nullcontext()
-            with sync, self._autocast():
+            with sync, self._compute():
                 nll, _, mass = self.forward(batch)
                 objective = nll.sum()
                 if len(mass):
@@ -336,7 +335,7 @@ class _Trainer:
         order = sorted(range(len(self.val_examples)), key=lambda i: self.val_examples[i].length)
         size = self.config.train.batch_size
         total, tokens = 0.0, 0
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._compute():
             for start in range(0, len(order), size):
                 batch = self._batch([self.val_examples[i] for i in order[start:start + size]])
                 nll, _ = completion_nll(self.net, batch, self.loss_vocab)
