@@ -574,6 +574,40 @@ def test_relabelled_positives_are_imitated_under_the_conditions_they_truly_meet(
         config_for(records, tmp_path / "refused", **{"data.positives_relabel": True})
 
 
+def test_cpu_forwards_take_the_math_attention_path_with_the_same_loss_and_gradients(full_run, records):
+    """compute_context, what every forward of `crystal finetune` runs in: on a CPU the flash-attention kernel is
+    switched off for its duration only (and back after), and the math path gives the same completion loss and
+    the same gradients on a padded batch, with and without bf16 autocast."""
+    from crystal_cli.finetune.model import compute_context
+
+    run, _ = full_run
+    model, tokenizer = load_trained(run)
+    model.eval().requires_grad_(True)  # loaded for inference; no dropout either way
+    examples, _ = make_examples(tokenizer, read_records(records / "val.jsonl")[:6], 160)
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert bool((batch["attention_mask"] == 0).any())  # padding: the attention mask matters
+
+    def loss_and_grads(context):
+        model.zero_grad(set_to_none=True)
+        with context:
+            loss = completion_nll(model, batch)[0].mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    assert torch.backends.cuda.flash_sdp_enabled()
+    with compute_context(torch.device("cpu"), None):
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()
+    from contextlib import nullcontext
+
+    fused, fused_grads = loss_and_grads(nullcontext())
+    math, math_grads = loss_and_grads(compute_context(torch.device("cpu"), None))
+    assert torch.allclose(fused, math, atol=1e-5) and len(fused_grads) == len(math_grads) > 0
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(fused_grads, math_grads))
+    bf16, _ = loss_and_grads(compute_context(torch.device("cpu"), torch.bfloat16))
+    assert abs(float(bf16) - float(math)) < 0.05 * float(math)
+
+
 def test_positives_as_sampled_are_imitated_only_where_they_meet_their_prompt(full_run, tmp_path):
     """Without relabelling, a valid sample is imitated under the prompt it was drawn under only if it has that
     prompt's space group and formula (a --spacegroup pool is then rejection-sampling self-training of the

@@ -36,8 +36,8 @@ def compute_context(device: torch.device, autocast_dtype: torch.dtype | None) ->
     math path of scaled_dot_product_attention. Torch's CPU flash-attention kernel took 29 % of a bf16 LoRA step
     of SmolLM2-135M on 8 × 320 tokens (torch.profiler, 2-core Zen 4 EPYC), for attention that is ~2 % of the
     step's FLOPs; the math path computes the same attention as batched matmuls (bench/train_throughput.py,
-    `+ math attention`). It holds the B × heads × L × L weights for the backward: ~2 GB for 30 layers of 8 × 512
-    tokens, which a CPU run can afford. On CUDA the fused kernels are the fast ones and stay."""
+    `+ math attention`). It holds the B × heads × L × L weights for the backward: peak RSS 4.7 → 5.8 GB on that
+    batch, ~3 GB more at 8 × 512 tokens, which a CPU run can afford. On CUDA the fused kernels are the fast ones and stay."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with ExitStack() as stack:
