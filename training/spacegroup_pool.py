@@ -7,9 +7,9 @@ samples under its `--spacegroup` prompt through `crystal generate` (guard off, t
 pools), n in all, shared among the groups in proportion to (train count)^--power: 1 follows the train
 distribution, 0.5 (the default) gives the rarer groups more practice than the data does while the common ones
 still get the most. Each group's samples go to OUT/sg-NNN.jsonl (resumable: a rerun tops them up), all of them
-to OUT/pool.jsonl (prompt + text, as data.positives reads them), and the space group each sample shows
-(codec.spacegroup_number, the reading bench/conditional.py checks) to OUT/summary.json with the hit rate per
-group. read_positives imitates a sample under its prompt only where it meets it (without positives_relabel),
+to OUT/pool.jsonl (prompt + text, as data.positives reads them), and to OUT/summary.json how many samples of
+each group have the group they were asked for (finetune.data.meets_prompt: the reading bench/conditional.py
+checks, and the filter read_positives applies). read_positives imitates a sample under its prompt only where it meets it (without positives_relabel),
 so the pool needs no filtering here: the misses are counted there as positives_off_condition.
 
 This is the filter of rejection-sampling self-training applied to the space-group task: the model is taught the
@@ -64,6 +64,7 @@ def main() -> None:
 
     from crystal_cli import codec
     from crystal_cli.errors import CrystalError
+    from crystal_cli.finetune.data import meets_prompt
     from crystal_cli.runs import write_jsonl, write_text
     from crystal_cli.sampling import GenerateOptions, generate
     from crystal_cli.structure_io import read_jsonl
@@ -84,11 +85,8 @@ def main() -> None:
         except CrystalError as error:
             raise SystemExit(f"spacegroup_pool: {error}") from None
         rows = [r for r in read_jsonl(output) if r.get("text")]
-        found = []
-        for row in rows:
-            parsed = codec.parse_crystal(row["text"])
-            found.append(codec.spacegroup_number(parsed.structure) if parsed.ok else None)
-        hits = sum(g == group for g in found)
+        parsed = [codec.parse_crystal(row["text"]) for row in rows]
+        hits = sum(p.ok and meets_prompt(row["prompt"], p.structure) for row, p in zip(rows, parsed))
         per_group[group] = {"train": counts[group], "samples": len(rows), "hits": hits}
         pool.extend({"prompt": r["prompt"], "text": r["text"], "source": f"{output.name}:{r['id']}"} for r in rows)
         print(f"sg {group:3d}: {hits:3d}/{len(rows):3d} meet it (train {counts[group]})", flush=True)
