@@ -86,6 +86,9 @@ def _checked(value: object, annotation: object, where: str) -> object:
         return value
     if annotation == list[str] and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
+    if annotation == dict[str, int] and isinstance(value, dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+        return dict(value)
     name = getattr(annotation, "__name__", str(annotation)) if typing.get_origin(annotation) is None else str(annotation)
     raise CrystalError(f"{where}: expected {name}, got {type(value).__name__} {value!r}")
 

@@ -84,11 +84,20 @@ def matmul_gflops(dtype: str = "fp32", size: int = 1024, seconds: float = 3.0) -
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of /proc/cpuinfo (empty where it cannot be read: not Linux)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
 def cpu_has_bf16() -> bool:
     """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX)? Elsewhere bf16 is emulated and slower than
     fp32, so training's precision "auto" keeps fp32 there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_has_amx() -> bool:
+    """Does this CPU have AMX tile matmuls (Intel Sapphire Rapids and later)? oneDNN's fused CPU kernels use them."""
+    return "amx_bf16" in cpu_flags()

@@ -575,10 +575,11 @@ def test_relabelled_positives_are_imitated_under_the_conditions_they_truly_meet(
 
 
 def test_cpu_forwards_take_the_math_attention_path_with_the_same_loss_and_gradients(full_run, records):
-    """compute_context, what every forward of `crystal finetune` runs in: on a CPU the flash-attention kernel is
-    switched off for its duration only (and back after), and the math path gives the same completion loss and
-    the same gradients on a padded batch, with and without bf16 autocast."""
+    """compute_context, what every forward of `crystal finetune` runs in: on a CPU without AMX the flash-attention
+    kernel is switched off for its duration only (and back after), and the math path gives the same completion
+    loss and the same gradients on a padded batch, with and without bf16 autocast."""
     from crystal_cli.finetune.model import compute_context
+    from crystal_cli.runtime import cpu_has_amx
 
     run, _ = full_run
     model, tokenizer = load_trained(run)
@@ -596,15 +597,18 @@ def test_cpu_forwards_take_the_math_attention_path_with_the_same_loss_and_gradie
 
     assert torch.backends.cuda.flash_sdp_enabled()
     with compute_context(torch.device("cpu"), None):
+        assert torch.backends.cuda.flash_sdp_enabled() == cpu_has_amx()
+    with compute_context(torch.device("cpu"), None, math_attention=True):
         assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.cuda.flash_sdp_enabled()
-    from contextlib import nullcontext
+    with compute_context(torch.device("cpu"), None, math_attention=False):
+        assert torch.backends.cuda.flash_sdp_enabled()
 
-    fused, fused_grads = loss_and_grads(nullcontext())
-    math, math_grads = loss_and_grads(compute_context(torch.device("cpu"), None))
+    fused, fused_grads = loss_and_grads(compute_context(torch.device("cpu"), None, math_attention=False))
+    math, math_grads = loss_and_grads(compute_context(torch.device("cpu"), None, math_attention=True))
     assert torch.allclose(fused, math, atol=1e-5) and len(fused_grads) == len(math_grads) > 0
     assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(fused_grads, math_grads))
-    bf16, _ = loss_and_grads(compute_context(torch.device("cpu"), torch.bfloat16))
+    bf16, _ = loss_and_grads(compute_context(torch.device("cpu"), torch.bfloat16, math_attention=True))
     assert abs(float(bf16) - float(math)) < 0.05 * float(math)
 
 
@@ -697,3 +701,28 @@ def test_even_formulas_give_each_composition_of_a_size_the_same_share(full_run, 
     assert np.allclose(relabeled.reshape(4, 3).sum(axis=1), [0.1875, 0.1875, 0.375, 0.25])
     with pytest.raises(CrystalError, match="data.positives_even_formulas needs data.positives"):
         config_for(records, tmp_path / "refused", **{"data.positives_even_formulas": True})
+
+
+def test_task_repeats_draw_one_tasks_records_k_times_an_epoch(records, tmp_path):
+    from collections import Counter
+
+    from crystal_cli.finetune.data import load_splits, with_task_repeats
+
+    train, _ = load_splits(records)
+    tasks = Counter(r["task"] for r in train)
+    repeated = with_task_repeats(train, {"formula": 3})
+    assert Counter(r["task"] for r in repeated) == {"unconditional": tasks["unconditional"], "formula": 3 * tasks["formula"]}
+    with pytest.raises(CrystalError, match="no train record: spacegroup"):
+        with_task_repeats(train, {"spacegroup": 2})
+    _, repeats = parse_override("data.task_repeats={formula = 2}")
+    run = tmp_path / "run"
+    finetune(config_for(records, run, **{"data.task_repeats": repeats, "train.max_steps": 1, "train.eval_every": 1000}), run)
+    counts = json.loads((run / "summary.json").read_text())["counts"]
+    assert counts["train_records"] == len(train)
+    assert counts["train_examples"] + counts["train_too_long"] == tasks["unconditional"] + 2 * tasks["formula"]
+    assert json.loads((run / "config.json").read_text())["data"]["task_repeats"] == {"formula": 2}
+    for extra, message in (({"data.task_repeats": {"formula": 0}}, "count >= 1"),
+                           ({"data.task_repeats": {"formula": 2}, "data.tasks": ["unconditional"]}, "kept by data.tasks"),
+                           ({"data.task_repeats": {"formula": 1.5}}, "data.task_repeats: expected")):
+        with pytest.raises(CrystalError, match=message):
+            config_for(records, tmp_path / "bad", **extra)

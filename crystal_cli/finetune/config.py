@@ -31,6 +31,9 @@ class LoraSection:
 class DataSection:
     records: str = ""  # directory with train.jsonl (and val.jsonl) from `crystal encode`
     tasks: list[str] = field(default_factory=list)  # keep only these tasks; empty = all
+    # {task: k}: each train record of that task is drawn k times an epoch (another translation each time), so a
+    # task the model honours worst gets more of the updates without dropping the others. {} = once each.
+    task_repeats: dict[str, int] = field(default_factory=dict)
     max_length: int = 512  # longer examples are skipped and counted, never truncated
     translate: float = 0.0  # probability of a random translation each time a crystal is drawn
     # Order of a crystal completion's sites: "as-given" (the records'; runs made before this key) or "sorted"
@@ -136,6 +139,10 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         raise CrystalError(f"{where}: data.translate must be in [0, 1] and lora.dropout in [0, 1)")
     if t.learning_rate <= 0 or not 0.0 <= t.min_lr_ratio <= 1.0:
         raise CrystalError(f"{where}: train.learning_rate must be > 0 and train.min_lr_ratio in [0, 1]")
+    bad_repeats = {task: k for task, k in d.task_repeats.items() if k < 1 or (d.tasks and task not in d.tasks)}
+    if bad_repeats:
+        raise CrystalError(f"{where}: data.task_repeats must give each task a count >= 1 and name only tasks "
+                           f"kept by data.tasks, got {bad_repeats}")
     if not lora.target_modules:
         raise CrystalError(f"{where}: lora.target_modules is empty")
     if not (math.isfinite(t.overlap_unlikelihood) and t.overlap_unlikelihood >= 0):

@@ -76,6 +76,16 @@ def load_splits(records_dir: str | Path, tasks: list[str] | None = None) -> tupl
     return train, read_records(val_file, tasks) if val_file.is_file() else []
 
 
+def with_task_repeats(records: list[dict], repeats: dict[str, int]) -> list[dict]:
+    """Train records with each record of a task in `repeats` k times (data.task_repeats): an epoch then draws it
+    k times, each draw with its own seeded translation. A task named there with no record is an error, since
+    the recipe would silently train as if it were not set."""
+    missing = sorted(set(repeats) - {r.get("task") for r in records})
+    if missing:
+        raise CrystalError(f"data.task_repeats names task(s) with no train record: {', '.join(missing)}")
+    return [r for r in records for _ in range(repeats.get(r.get("task"), 1))]
+
+
 def tokenize_completion(tokenizer, completion: str) -> list[int]:
     return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 

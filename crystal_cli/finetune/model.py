@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from crystal_cli.errors import CrystalError
 from crystal_cli.finetune.config import RunConfig, TrainSection
 from crystal_cli.finetune.data import IGNORE, Example
-from crystal_cli.runtime import cpu_has_bf16
+from crystal_cli.runtime import cpu_has_amx, cpu_has_bf16
 
 
 def device_and_dtype(train: TrainSection, local_rank: int) -> tuple[torch.device, torch.dtype, torch.dtype | None]:
@@ -31,19 +31,25 @@ def device_and_dtype(train: TrainSection, local_rank: int) -> tuple[torch.device
 
 
 @contextmanager
-def compute_context(device: torch.device, autocast_dtype: torch.dtype | None) -> Iterator[None]:
-    """The context every forward of a run runs in: autocast where the run computes in bf16 and, on a CPU, the
-    math path of scaled_dot_product_attention. Torch's CPU flash-attention kernel took 29 % of a bf16 LoRA step
-    of SmolLM2-135M on 8 × 320 tokens (torch.profiler, 2-core Zen 4 EPYC), for attention that is ~2 % of the
-    step's FLOPs; the math path computes the same attention as batched matmuls (bench/train_throughput.py,
-    `+ math attention`). It holds the B × heads × L × L weights for the backward: peak RSS 4.7 → 5.8 GB on that
-    batch, ~3 GB more at 8 × 512 tokens, which a CPU run can afford. On CUDA the fused kernels are the fast ones and stay."""
+def compute_context(device: torch.device, autocast_dtype: torch.dtype | None,
+                    math_attention: bool | None = None) -> Iterator[None]:
+    """The context every forward of a run runs in: autocast where the run computes in bf16 and, on a CPU without
+    AMX, the math path of scaled_dot_product_attention. There torch's CPU flash-attention kernel took 29 % of a
+    bf16 LoRA step of SmolLM2-135M on 8 × 320 tokens (torch.profiler, 2-core Zen 4 EPYC), for attention that is
+    ~2 % of the step's FLOPs; the math path computes the same attention as batched matmuls, 1.10× faster on the
+    shipped default's recipe (bench/train_throughput.py, `scratch-384x8 full + math attention`). On an AMX Xeon
+    the fused kernel is the fast one (the math path 0.70× on that recipe, 0.83× on the LoRA one), so it stays
+    there, as on CUDA. The math path holds the B × heads × L × L weights for the backward: peak RSS 4.7 → 5.8 GB
+    on that batch, ~3 GB more at 8 × 512 tokens, which a CPU run can afford. `math_attention` forces the choice
+    (the benchmark's rows); None is the rule above."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with ExitStack() as stack:
         if autocast_dtype is not None:
             stack.enter_context(torch.autocast(device.type, dtype=autocast_dtype))
-        if device.type == "cpu":
+        if math_attention is None:
+            math_attention = device.type == "cpu" and not cpu_has_amx()
+        if math_attention:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         yield
 

@@ -37,7 +37,7 @@ from crystal_cli.errors import CrystalError
 from crystal_cli.finetune.config import CONFIG_FILE, RunConfig, saved_form
 from crystal_cli.finetune.data import (Example, OverlapDigits, collate, epoch_batches, imitated_tokens, load_splits,
                                        make_examples, read_negatives, read_positives, size_shares,
-                                       translated, with_overlaps)
+                                       translated, with_overlaps, with_task_repeats)
 from crystal_cli.finetune.model import (CompletionNLL, LossVocab, completion_nll, compute_context, crystal_vocab,
                                         device_and_dtype, trainable)
 from crystal_cli.models import load_base
@@ -191,6 +191,8 @@ class _Trainer:
         train_records, val_records = load_splits(records_dir, data.tasks)
         if data.max_train_records:
             train_records = train_records[: data.max_train_records]
+        record_count = len(train_records)
+        train_records = with_task_repeats(train_records, data.task_repeats)
         self.base_dir = resolve_base(config.base)
         self.device, weights_dtype, self.autocast_dtype = device_and_dtype(train, local_rank)
         if train.threads > 0:
@@ -230,7 +232,7 @@ class _Trainer:
         micro_per_step = train.grad_accum * world
         self.max_steps = (math.ceil(train.epochs * self.batches_per_epoch / micro_per_step)
                           if train.epochs > 0 else train.max_steps)
-        self.counts = {"train_records": len(train_records), "train_examples": len(self.train_examples),
+        self.counts = {"train_records": record_count, "train_examples": len(self.train_examples),
                        "train_too_long": too_long, "val_records": len(val_records),
                        "val_examples": len(self.val_examples), "val_too_long": val_too_long,
                        "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
