@@ -57,7 +57,7 @@ ROWS = {  # name -> settings; later rows add one change to the row before
                                    "weights": "bf16"},
     "+ no LoRA dropout": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
                                       "dropout": 0.0},
-    "+ bf16 base, no dropout": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16",
+    "+ bf16 base weights": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16",
                                             "threads": 0, "dropout": 0.0, "weights": "bf16"},
     "+ math attention": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
                                      "dropout": 0.0, "attention": "math"},
