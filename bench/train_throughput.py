@@ -11,8 +11,9 @@ warm-up steps, then times N optimizer steps of the loss `crystal finetune` compu
 * + bf16:       bf16 autocast, only where the CPU multiplies bf16 natively (avx512_bf16 / AMX)
 * + bf16 weights: the frozen base held in bf16 (no cast of every weight at every step; LoRA stays fp32)
 * + no LoRA dropout: lora.dropout = 0 (peft then skips the dropout of every adapted layer's input)
-* + math attention: scaled_dot_product_attention's math path instead of the CPU flash kernel (what
-                crystal finetune now runs on a CPU: finetune.model.compute_context)
+* + bf16 base weights: + no LoRA dropout with the frozen base held in bf16
+* + math attention: + no LoRA dropout on scaled_dot_product_attention's math path instead of the CPU flash
+                kernel (what crystal finetune runs on a CPU without AMX: finetune.model.compute_context)
 * + compile:    the decoder compiled by torch.compile (inductor, dynamic shapes; measured slower, not in finetune)
 * + 1 thread:   the same on one torch thread (a second process would take the other core)
 * candidate models at the best setting: SmolLM2-135M cut to its first 12 layers (LoRA and full), and a

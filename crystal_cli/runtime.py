@@ -8,6 +8,7 @@ llama.cpp loaded with its logging quieted, which export (quantizing) and samplin
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import time
 import warnings
@@ -84,8 +85,10 @@ def matmul_gflops(dtype: str = "fp32", size: int = 1024, seconds: float = 3.0) -
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of /proc/cpuinfo (empty where it cannot be read: not Linux)."""
+    """The instruction-set flags of /proc/cpuinfo (empty where it cannot be read: not Linux). Read once per
+    process: finetune.model.compute_context asks at every forward."""
     try:
         return frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
