@@ -14,10 +14,13 @@ warm-up steps, then times N optimizer steps of the loss `crystal finetune` compu
 * + bf16 base weights: + no LoRA dropout with the frozen base held in bf16
 * + math attention: + no LoRA dropout on scaled_dot_product_attention's math path instead of the CPU flash
                 kernel (what crystal finetune runs on a CPU without AMX: finetune.model.compute_context)
-* + compile:    the decoder compiled by torch.compile (inductor, dynamic shapes; measured slower, not in finetune)
-* + 1 thread:   the same on one torch thread (a second process would take the other core)
+* + compile:    + bf16 with the decoder under torch.compile (inductor, dynamic shapes: train.compile); slower on
+                a Zen 5, faster on an AMX Xeon, where `crystal finetune` compiles under train.compile = "auto"
+* + no dropout + compile: the same on the + no LoRA dropout row
+* + 1 thread:   + bf16 on one torch thread (a second process would take the other core)
 * candidate models at the best setting: SmolLM2-135M cut to its first 12 layers (LoRA and full), and a
-  Llama trained from scratch (scratch-384x8), all with SmolLM2's tokenizer.
+  Llama trained from scratch (scratch-384x8), all with SmolLM2's tokenizer; the last with AdamW's fused
+  kernel (what `crystal finetune` steps with) and with it + compile.
 
 Columns: tokens/s (non-padding input tokens), crystals/s (examples per second), the share of the machine's
 measured matmul peak (fp32 or bf16, whichever the row computes in; model FLOPs counted as 2 per weight per
@@ -49,7 +52,7 @@ from crystal_cli.runtime import configure_process, matmul_gflops  # noqa: E402
 configure_process()
 
 LORA_135M = {"base": "smollm2-135m", "method": "lora"}
-ROWS = {  # name -> settings; later rows add one change to the row before
+ROWS = {  # name -> settings; a "+ X" row adds X to the row its name extends (listed above it)
     "plain": LORA_135M | {"loop": "plain", "vocab": "full", "precision": "fp32", "threads": 0},
     "today": LORA_135M | {"loop": "crystal", "vocab": "full", "precision": "fp32", "threads": 0},
     "+ crystal vocab": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "fp32", "threads": 0},
@@ -64,6 +67,8 @@ ROWS = {  # name -> settings; later rows add one change to the row before
                                      "dropout": 0.0, "attention": "math"},
     "+ compile": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
                               "compile": True},
+    "+ no dropout + compile": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
+                                           "dropout": 0.0, "compile": True},
     "+ 1 thread": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 1},
     "135M:12 LoRA": {"base": "smollm2-135m:12", "method": "lora", "loop": "crystal", "vocab": "crystal",
                                    "precision": "bf16", "threads": 0},
@@ -71,6 +76,11 @@ ROWS = {  # name -> settings; later rows add one change to the row before
                                    "precision": "bf16", "threads": 0},
     "scratch-384x8 full": {"base": "scratch-384x8", "method": "full", "loop": "crystal", "vocab": "crystal",
                             "precision": "bf16", "threads": 0},
+    "scratch-384x8 full + fused AdamW": {"base": "scratch-384x8", "method": "full", "loop": "crystal",
+                                         "vocab": "crystal", "precision": "bf16", "threads": 0, "fused": True},
+    "scratch-384x8 full + fused AdamW + compile": {"base": "scratch-384x8", "method": "full", "loop": "crystal",
+                                                   "vocab": "crystal", "precision": "bf16", "threads": 0,
+                                                   "fused": True, "compile": True},
     "scratch-384x8 full + math attention": {"base": "scratch-384x8", "method": "full", "loop": "crystal",
                                            "vocab": "crystal", "precision": "bf16", "threads": 0, "attention": "math"},
 }
@@ -137,7 +147,8 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
     if settings["vocab"] == "crystal":
         vocab = LossVocab.of(crystal_vocab(tokenizer, examples), head_rows, "cpu")
         head_rows = len(vocab.ids)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                  fused=settings.get("fused", False))
     bf16 = torch.bfloat16 if settings["precision"] == "bf16" else None
 
     def context():  # the math attention path crystal finetune takes on CPUs without AMX, or the fused kernel

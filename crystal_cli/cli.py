@@ -415,6 +415,8 @@ def generate(
                           f"sites overlap, which pymatgen cannot read back from a CIF; {summary.sidecar} keeps them")
     if temperature == 0 and summary.generated > 1 and infill_file is None:
         err_console.print("[yellow]note:[/] --temperature 0 is greedy decoding: every sample of one prompt is the same")
+    from crystal_cli.codec import SYMPREC  # loaded by the run already
+
     failures = ", ".join(f"{k}: {v}" for k, v in summary.failures.most_common()) or "none"
     speed = summary.generated / summary.seconds if summary.seconds else 0.0
     console.print(
@@ -423,6 +425,8 @@ def generate(
         f"{summary.valid}/{summary.generated}; failures: {failures}; {speed:.2f} structures/s, "
         f"{summary.tokens / summary.seconds if summary.seconds else 0.0:.0f} tokens/s"
         + (f"; distance guard masked {summary.guard_masked} tokens" if summary.guard_masked else "")
+        + (f"; space group {summary.spacegroup} found (symprec {SYMPREC} Å) in "
+           f"{summary.spacegroup_matched}/{summary.generated}" if summary.spacegroup is not None else "")
     )
 
 

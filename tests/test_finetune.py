@@ -124,6 +124,32 @@ def test_interrupted_run_resumes_exactly(full_run, records, tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [4, 8, 12, 16]  # no duplicated lines after resume
 
 
+def test_a_checkpoint_of_the_per_tensor_optimizer_resumes_with_it(full_run, records, tmp_path):
+    """Runs checkpointed before finetune stepped AdamW with its fused kernel hold {"fused": None} in their
+    optimizer state; resuming one keeps that optimizer (load_state_dict restores the group's kind) and ends
+    where an uninterrupted run ends."""
+    reference, finished = full_run
+    run = tmp_path / "older"
+
+    def interrupt_at_step_8(event):
+        if event.step == 8 and event.loss is not None:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert finetune(config_for(records, run), run, on_event=interrupt_at_step_8).steps == 8
+    saved = run / "checkpoints" / "step-8" / "optimizer.pt"
+    state = torch.load(saved, weights_only=True)
+    assert [g["fused"] for g in state["optimizer"]["param_groups"]] == [True]  # what finetune writes now
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None  # what it wrote before
+    torch.save(state, saved)
+    resumed = finetune(config_for(records, run, resume=True), run, resume=True)
+    assert resumed.steps == STEPS and resumed.val_loss == pytest.approx(finished.val_loss, abs=1e-4)
+    mine, theirs = trainable_weights(run, STEPS), trainable_weights(reference, STEPS)
+    assert all(torch.allclose(mine[k], theirs[k], atol=1e-5) for k in theirs)
+    resumed_state = torch.load(run / "checkpoints" / f"step-{STEPS}" / "optimizer.pt", weights_only=True)
+    assert [g["fused"] for g in resumed_state["optimizer"]["param_groups"]] == [None]
+
+
 def test_a_background_run_stopped_with_kill_checkpoints_and_resumes(records, tmp_path):
     """`crystal finetune ... &` from a script ignores Ctrl-C (SIGINT), and `kill PID` (SIGTERM, also what a
     batch scheduler sends before it preempts) used to end the process without a checkpoint. Now SIGTERM stops
@@ -726,3 +752,43 @@ def test_task_repeats_draw_one_tasks_records_k_times_an_epoch(records, tmp_path)
                            ({"data.task_repeats": {"formula": 1.5}}, "data.task_repeats: expected")):
         with pytest.raises(CrystalError, match=message):
             config_for(records, tmp_path / "bad", **extra)
+
+
+def test_compiled_decoder_trains_as_the_eager_one_and_saves_the_same_keys(full_run, records, tmp_path, monkeypatch):
+    """train.compile: the rule ("auto" compiles on a CPU with AMX and a C++ compiler; "on" without a compiler is a
+    one-line error), and a run under torch.compile follows the eager run's losses step for step and saves an
+    adapter with the same tensor names (Module.compile works in place: checkpoints stay readable both ways)."""
+    import shutil
+
+    from crystal_cli.finetune.model import compiles
+    from crystal_cli.runtime import cpu_has_amx
+
+    cpu = torch.device("cpu")
+    has_compiler = any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+    assert not compiles("off", cpu) and compiles("auto", cpu) == (cpu_has_amx() and has_compiler)
+    with monkeypatch.context() as patched:
+        patched.setattr(shutil, "which", lambda name: None)
+        with pytest.raises(CrystalError, match="C\\+\\+ compiler"):
+            compiles("on", cpu)
+        assert not compiles("auto", cpu)
+    if not has_compiler:
+        pytest.skip("no C++ compiler: inductor cannot build CPU kernels here")
+
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "fallback_random", True)  # LoRA dropout draws eager's masks when compiled
+    eager_run, _ = full_run
+    run = tmp_path / "compiled"
+    finetune(config_for(records, run, **{"train.compile": "on"}), run)
+    assert json.loads((run / "summary.json").read_text())["compiled"] is True
+    assert json.loads((eager_run / "summary.json").read_text())["compiled"] is False
+
+    def curve(path: Path) -> list[tuple[int, str, float]]:
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], key, r[key]) for r in rows for key in ("loss", "val_loss") if key in r]
+
+    mine, theirs = curve(run), curve(eager_run)
+    assert [m[:2] for m in mine] == [t[:2] for t in theirs] and len(mine) == 7  # 4 train rows, 3 val rows
+    assert all(abs(m[2] - t[2]) < 1e-3 * t[2] for m, t in zip(mine, theirs)), (mine, theirs)
+    assert sorted(load_file(run / "adapter" / "adapter_model.safetensors")) == sorted(
+        load_file(eager_run / "adapter" / "adapter_model.safetensors"))

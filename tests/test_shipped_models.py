@@ -50,6 +50,18 @@ def test_generate_without_model_uses_the_shipped_default(tmp_path):
     assert len(list(read_structures(out))) == 3
 
 
+def test_spacegroup_run_reports_how_many_samples_have_the_group_asked_for(tmp_path):
+    """The shipped default honours Fm-3m often (its card: ~2 in 3), so the count is checked on real matches."""
+    out = tmp_path / "fm3m.jsonl"
+    result = runner.invoke(app, ["generate", "--spacegroup", "225", "-n", "8", "--parallel", "8", "--seed", "4",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    found = [codec.spacegroup_number(codec.parse_crystal(r["text"]).structure) for r in read_jsonl(out)]
+    matched = found.count(225)
+    assert matched > 0  # else a count stuck at 0 would pass
+    assert f"space group 225 found (symprec {codec.SYMPREC} Å) in {matched}/8" in " ".join(result.output.split())
+
+
 def test_refine_without_model_uses_the_shipped_flow(tmp_path, structures):
     write_structures(tmp_path / "in.cif", [("NaCl", structures["NaCl"]), ("Si", structures["Si"])])
     result = runner.invoke(app, ["refine", str(tmp_path / "in.cif"), "-o", str(tmp_path / "out.cif"), "--steps", "5"])

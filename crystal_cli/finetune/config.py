@@ -92,6 +92,11 @@ class TrainSection:
     # > 0: add this weight times the unlikelihood -log(1 - p) of the digits that would put a site closer than
     # 0.5 Å to an earlier one (model.completion_losses; the distance guard's mask, learnt instead of imposed)
     overlap_unlikelihood: float = 0.0
+    # The decoder under torch.compile (inductor, dynamic shapes): "off" (runs made before this key), "on", or
+    # "auto": on a CPU with AMX and a C++ compiler, where bench/train_throughput.py measured 1.39x (scratch-384x8)
+    # and 1.56x (SmolLM2-135M LoRA) per step once compiled; off elsewhere (on a Zen 5 it was slower; not yet
+    # measured on CUDA). The first steps pay the compilation (minutes).
+    compile: str = "off"
 
 
 @dataclass
@@ -102,11 +107,11 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
 
-RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.threads", "train.eval_every",
+RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.threads", "train.compile", "train.eval_every",
                       "train.checkpoint_every", "train.log_every", "train.keep_checkpoints"}
 CHOICES = {"train.precision": ("auto", "fp32", "bf16"), "train.method": ("lora", "full"),
            "train.loss_vocab": ("full", "crystal"), "data.site_order": ("as-given", "sorted"),
-           "data.positives_sizes": ("own", "train")}
+           "data.positives_sizes": ("own", "train"), "train.compile": ("off", "on", "auto")}
 CONFIG_FILE = "config.json"
 
 

@@ -82,6 +82,8 @@ class GenerateSummary:
     adopted: int = 0  # rows of a pre-manifest sidecar this resume took over (their model was never recorded)
     valid: int = 0  # parsed samples with every interatomic distance >= 0.5 Å and volume >= 0.1 Å³ (CDVAE)
     not_in_file: int = 0  # parsed samples left out of the CIF (pymatgen cannot read them back); the jsonl has them
+    spacegroup: int | None = None  # the --spacegroup asked for
+    spacegroup_matched: int = 0  # parsed samples whose space group (codec.spacegroup_number) is the one asked for
 
     @property
     def parse_rate(self) -> float:
@@ -379,7 +381,8 @@ def generate(options: GenerateOptions, on_sample: Callable[[dict, GenerateSummar
     start = _begin("generate", options, sidecar, rows, manifest_options, inputs, "samples",
                    lambda: _adopt_samples(sidecar, rows, prompt, options.seed))
     done = {int(r["index"]) for r in rows if "index" in r}
-    summary = GenerateSummary(options.output, sidecar, options.n, existing=len(done), adopted=start.adopted_rows)
+    summary = GenerateSummary(options.output, sidecar, options.n, existing=len(done), adopted=start.adopted_rows,
+                              spacegroup=options.spacegroup)
     jobs = [Job(i, job_seed(options.seed, i)) for i in range(options.n) if i not in done]
     if not jobs:
         return summary
@@ -433,6 +436,8 @@ def _record(summary: GenerateSummary, log, appender: StructureAppender | None, r
     append_jsonl(log, row)
     if structure is not None:
         summary.valid += structural_validity(structure)[0]
+        if summary.spacegroup is not None:  # the prompt asks; the model alone decides (no sampler constraint)
+            summary.spacegroup_matched += codec.spacegroup_number(structure) == summary.spacegroup
         if appender is not None and not appender.append(structure, row["id"]):
             summary.not_in_file += 1
     _count(summary, row, started)
