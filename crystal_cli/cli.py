@@ -214,6 +214,7 @@ def finetune(
     from rich.progress import TextColumn
 
     from crystal_cli.finetune import finetune as run_finetune, resolve_config
+    from crystal_cli.finetune.model import compiles, device_and_dtype
     from crystal_cli.recipes import parse_overrides
 
     flags = {
@@ -227,6 +228,9 @@ def finetune(
         flags["train.epochs"] = 0.0  # --steps means steps even when the recipe counts epochs
     overrides = parse_overrides(set_) | {k: v for k, v in flags.items() if v is not None}
     config = resolve_config(output, recipe, overrides, resume=resume)
+    if compiles(config.train.compile, device_and_dtype(config.train, 0)[0]):
+        err_console.print(f"[yellow]note:[/] train.compile = {config.train.compile!r}: the decoder runs under "
+                          "torch.compile; the first steps (and the first evaluation) compile it, a minute or more")
     columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[val]}"),
                TextColumn("{task.fields[speed]} tok/s"))
     with progress_bar(*columns) as bar:

@@ -244,7 +244,7 @@ def test_cli_steps_override_a_recipe_that_counts_epochs(tmp_path, records):
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
 
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, records):
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, records, monkeypatch):
     cases = []
     cases.append((["--data", str(tmp_path / "missing"), "--base", "tiny"], "does not exist"))
     empty = tmp_path / "empty"
@@ -263,11 +263,17 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, records):
     cases.append((["--data", str(records), "--base", "tiny", "--set", "train.precision=fp16"], "must be one of"))
     cases.append((["--data", str(records), "--base", "tiny", "--set", "train.overlap_unlikelihood=-1.0"],
                   "train.overlap_unlikelihood must be a finite weight >= 0"))
+    cases.append((["--data", str(records), "--base", "tiny", "--set", "train.compile=yes"], "must be one of"))
+    cases.append((["--data", str(records), "--base", "tiny", "--set", "train.compile=on"], "needs a C++ compiler"))
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # a machine without g++: "on" cannot compile
     for i, (args, message) in enumerate(cases):
         result = runner.invoke(app, ["finetune", "-o", str(tmp_path / f"run{i}"), *args])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) <= 2  # one message (the console may wrap it once)
+        assert not (tmp_path / f"run{i}" / "metrics.jsonl").exists()
 
 
 def test_whole_model_run_on_a_cut_base_with_crystal_vocab_and_a_time_budget(records, tmp_path):
