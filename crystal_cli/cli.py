@@ -375,6 +375,7 @@ def generate(
     from rich.progress import TextColumn
 
     from crystal_cli.api import generate_to_file
+    from crystal_cli.codec import SYMPREC
     from crystal_cli.sampling import GenerateOptions, check_options
 
     options = GenerateOptions(
@@ -419,8 +420,6 @@ def generate(
                           f"sites overlap, which pymatgen cannot read back from a CIF; {summary.sidecar} keeps them")
     if temperature == 0 and summary.generated > 1 and infill_file is None:
         err_console.print("[yellow]note:[/] --temperature 0 is greedy decoding: every sample of one prompt is the same")
-    from crystal_cli.codec import SYMPREC  # loaded by the run already
-
     failures = ", ".join(f"{k}: {v}" for k, v in summary.failures.most_common()) or "none"
     speed = summary.generated / summary.seconds if summary.seconds else 0.0
     console.print(
