@@ -125,7 +125,8 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
     from crystal_cli.bases import resolve_base
     from crystal_cli.finetune.config import ALL_LINEAR
     from crystal_cli.finetune.data import collate, make_examples
-    from crystal_cli.finetune.model import LossVocab, completion_nll, compute_context, crystal_vocab
+    from crystal_cli.finetune.model import (LossVocab, compile_decoder, completion_nll, compute_context,
+                                            crystal_vocab)
     from crystal_cli.models import load_base
 
     torch.manual_seed(0)
@@ -138,7 +139,7 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
         model = get_peft_model(net, lora)
         net = model.get_base_model()
     if settings.get("compile"):
-        net.get_decoder().compile(dynamic=True)
+        compile_decoder(net)
     examples, _ = make_examples(tokenizer, training_records(batch * 8), length)
     chosen = examples[:batch]
     data = collate(chosen, tokenizer.pad_token_id)

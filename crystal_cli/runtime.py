@@ -101,6 +101,13 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def has_cxx_compiler() -> bool:
+    """Is a C++ compiler on PATH? torch.compile's inductor builds its CPU kernels with one."""
+    import shutil
+
+    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+
+
 def cpu_has_amx() -> bool:
     """Does this CPU have AMX tile matmuls (Intel Sapphire Rapids and later)? oneDNN's fused CPU kernels use them."""
     return "amx_bf16" in cpu_flags()

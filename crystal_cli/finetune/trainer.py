@@ -38,8 +38,8 @@ from crystal_cli.finetune.config import CONFIG_FILE, RunConfig, saved_form
 from crystal_cli.finetune.data import (Example, OverlapDigits, collate, epoch_batches, imitated_tokens, load_splits,
                                        make_examples, read_negatives, read_positives, size_shares,
                                        translated, with_overlaps, with_task_repeats)
-from crystal_cli.finetune.model import (CompletionNLL, LossVocab, compiles, completion_nll, compute_context,
-                                        crystal_vocab, device_and_dtype, trainable)
+from crystal_cli.finetune.model import (CompletionNLL, LossVocab, compile_decoder, compiles, completion_nll,
+                                        compute_context, crystal_vocab, device_and_dtype, trainable)
 from crystal_cli.models import load_base
 
 
@@ -249,8 +249,8 @@ class _Trainer:
             step, train.warmup_steps, self.max_steps, train.min_lr_ratio))
         digit_ids = None if self.overlaps is None else torch.from_numpy(self.overlaps.ids).to(self.device)
         self.compiled = compiles(train.compile, self.device)
-        if self.compiled:  # in place: the state dict keeps its keys, so checkpoints and weights are unchanged
-            self.net.get_decoder().compile(dynamic=True)
+        if self.compiled:
+            compile_decoder(self.net)
         self.forward = CompletionNLL(self.net, self.loss_vocab, digit_ids)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
