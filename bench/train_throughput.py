@@ -15,8 +15,11 @@ warm-up steps, then times N optimizer steps of the loss `crystal finetune` compu
 * + math attention: + no LoRA dropout on scaled_dot_product_attention's math path instead of the CPU flash
                 kernel (what crystal finetune runs on a CPU without AMX: finetune.model.compute_context)
 * + compile:    + bf16 with the decoder under torch.compile (inductor, dynamic shapes: train.compile); slower on
-                a Zen 5, faster on an AMX Xeon, where `crystal finetune` compiles under train.compile = "auto"
+                a Zen 5, faster on an AMX Xeon, where `crystal finetune` compiles under train.compile = "auto";
+                the compiled attention is the model's matmul + softmax (finetune.model.compile_decoder)
 * + no dropout + compile: the same on the + no LoRA dropout row
+* ... compile (SDPA attention): a compiled row with torch's scaled_dot_product_attention kept inside the
+                compiled graph (what train.compile did before compile_decoder switched the attention)
 * + 1 thread:   + bf16 on one torch thread (a second process would take the other core)
 * candidate models at the best setting: SmolLM2-135M cut to its first 12 layers (LoRA and full), and a
   Llama trained from scratch (scratch-384x8), all with SmolLM2's tokenizer; the last with AdamW's fused
@@ -69,6 +72,11 @@ ROWS = {  # name -> settings; a "+ X" row adds X to the row its name extends (li
                               "compile": True},
     "+ no dropout + compile": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
                                            "dropout": 0.0, "compile": True},
+    "+ compile (SDPA attention)": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16",
+                                              "threads": 0, "compile": True, "compiled_attention": "sdpa"},
+    "+ no dropout + compile (SDPA attention)": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16",
+                                                           "threads": 0, "dropout": 0.0, "compile": True,
+                                                           "compiled_attention": "sdpa"},
     "+ 1 thread": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 1},
     "135M:12 LoRA": {"base": "smollm2-135m:12", "method": "lora", "loop": "crystal", "vocab": "crystal",
                                    "precision": "bf16", "threads": 0},
@@ -81,6 +89,9 @@ ROWS = {  # name -> settings; a "+ X" row adds X to the row its name extends (li
     "scratch-384x8 full + fused AdamW + compile": {"base": "scratch-384x8", "method": "full", "loop": "crystal",
                                                    "vocab": "crystal", "precision": "bf16", "threads": 0,
                                                    "fused": True, "compile": True},
+    "scratch-384x8 full + fused AdamW + compile (SDPA attention)": {
+        "base": "scratch-384x8", "method": "full", "loop": "crystal", "vocab": "crystal", "precision": "bf16",
+        "threads": 0, "fused": True, "compile": True, "compiled_attention": "sdpa"},
     "scratch-384x8 full + math attention": {"base": "scratch-384x8", "method": "full", "loop": "crystal",
                                            "vocab": "crystal", "precision": "bf16", "threads": 0, "attention": "math"},
 }
@@ -139,7 +150,7 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
         model = get_peft_model(net, lora)
         net = model.get_base_model()
     if settings.get("compile"):
-        compile_decoder(net)
+        compile_decoder(net, torch.device("cpu"), settings.get("compiled_attention", "matmul"))
     examples, _ = make_examples(tokenizer, training_records(batch * 8), length)
     chosen = examples[:batch]
     data = collate(chosen, tokenizer.pad_token_id)

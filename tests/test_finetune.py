@@ -763,10 +763,14 @@ def test_task_repeats_draw_one_tasks_records_k_times_an_epoch(records, tmp_path)
 def test_compiled_decoder_trains_as_the_eager_one_and_saves_the_same_keys(full_run, records, tmp_path, monkeypatch):
     """train.compile: the rule ("auto" compiles on a CPU with AMX and a C++ compiler; "on" without a compiler is a
     one-line error), and a run under torch.compile follows the eager run's losses step for step and saves an
-    adapter with the same tensor names (Module.compile works in place: checkpoints stay readable both ways)."""
+    adapter with the same tensor names (Module.compile works in place: checkpoints stay readable both ways).
+    Compiled on a CPU, the attention is the model's matmul + softmax, not the eager run's SDPA kernel: the
+    matching losses are that switch's check, and the switch is a runtime setting a saved config never holds."""
     import shutil
 
-    from crystal_cli.finetune.model import compiles
+    from crystal_cli.bases import resolve_base
+    from crystal_cli.finetune.model import compile_decoder, compiles
+    from crystal_cli.models import load_base
     from crystal_cli.runtime import cpu_has_amx, has_cxx_compiler
 
     cpu = torch.device("cpu")
@@ -799,3 +803,10 @@ def test_compiled_decoder_trains_as_the_eager_one_and_saves_the_same_keys(full_r
     assert all(abs(m[2] - t[2]) < 1e-3 * t[2] for m, t in zip(mine, theirs)), (mine, theirs)
     assert sorted(load_file(run / "adapter" / "adapter_model.safetensors")) == sorted(
         load_file(eager_run / "adapter" / "adapter_model.safetensors"))
+
+    switched, kept = (load_base(resolve_base("tiny"), cpu, torch.float32)[0] for _ in range(2))
+    compile_decoder(switched, cpu)
+    compile_decoder(kept, cpu, attention="sdpa")
+    assert (switched.config._attn_implementation, kept.config._attn_implementation) == ("eager", "sdpa")
+    switched.save_pretrained(tmp_path / "saved")
+    assert "attn" not in (tmp_path / "saved" / "config.json").read_text()

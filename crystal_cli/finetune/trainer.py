@@ -250,7 +250,7 @@ class _Trainer:
         digit_ids = None if self.overlaps is None else torch.from_numpy(self.overlaps.ids).to(self.device)
         self.compiled = compiles(train.compile, self.device)
         if self.compiled:
-            compile_decoder(self.net)
+            compile_decoder(self.net, self.device)
         self.forward = CompletionNLL(self.net, self.loss_vocab, digit_ids)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
