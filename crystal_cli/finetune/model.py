@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,14 +71,14 @@ def compiles(setting: str, device: torch.device) -> bool:
     return device.type == "cpu" and cpu_has_amx() and has_compiler
 
 
-def compile_decoder(net, device: torch.device, attention: str = "matmul") -> None:
+def compile_decoder(net, device: torch.device, attention: Literal["matmul", "sdpa"] = "matmul") -> None:
     """Put the network's decoder under torch.compile (inductor, dynamic shapes: batch widths vary), in place,
     so its state dict keeps its keys and checkpoints and saved weights read the same either way.
 
     On a CPU the compiled attention is the model's plain one (transformers' "eager" implementation: two batched
     matmuls around an fp32 softmax), which inductor fuses, instead of torch's CPU flash-attention kernel: that
-    kernel's backward took 44 % of a compiled scratch-384x8 step on an AMX Xeon (torch.profiler over 10 real
-    batches; 49-57 ms a layer for a forward of 4 ms), and the compiled step went 0.95 -> 0.71 s. The
+    kernel's backward took 41-44 % of a compiled scratch-384x8 step on an AMX Xeon (bench/trainer_profile.py, three
+    runs; 42-57 ms a layer for a forward of 4 ms), and the compiled step went from 0.81-0.95 to 0.62-0.71 s. The
     implementation is a runtime setting that save_pretrained does not write, so saved weights are unchanged.
     `attention="sdpa"` keeps scaled_dot_product_attention (the benchmark's row for the old way)."""
     if device.type == "cpu" and attention == "matmul":
