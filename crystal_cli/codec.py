@@ -240,13 +240,14 @@ def reduced_formula(structure: Structure) -> str:
     return structure.composition.reduced_formula
 
 
-def spacegroup_number(structure: Structure) -> int | None:
+def spacegroup_number(structure: Structure, symprec: float = SYMPREC) -> int | None:
     """The structure's space group number at SYMPREC, or None where spglib gives up on a degenerate cell.
-    One reading for training conditions, the bench's condition check and structures.csv, so they agree."""
+    One reading for training conditions, the bench's condition check and structures.csv, so they agree
+    (`symprec` only for a diagnostic that asks how near a structure is to a group)."""
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer  # seconds to import; most commands never need it
 
     try:
-        return SpacegroupAnalyzer(structure, symprec=SYMPREC).get_space_group_number()
+        return SpacegroupAnalyzer(structure, symprec=symprec).get_space_group_number()
     except Exception:  # spglib raises on some degenerate cells
         return None
 
