@@ -92,10 +92,8 @@ class TrainSection:
     # > 0: add this weight times the unlikelihood -log(1 - p) of the digits that would put a site closer than
     # 0.5 Å to an earlier one (model.completion_losses; the distance guard's mask, learnt instead of imposed)
     overlap_unlikelihood: float = 0.0
-    # The decoder under torch.compile (inductor, dynamic shapes): "off" (runs made before this key), "on", or
-    # "auto": on a CPU with AMX and a C++ compiler, where bench/train_throughput.py measured 1.39x (scratch-384x8)
-    # and 1.56x (SmolLM2-135M LoRA) per step once compiled; off elsewhere (on a Zen 5 it was slower; not yet
-    # measured on CUDA). The first steps pay the compilation (minutes).
+    # The decoder under torch.compile: "off" (runs made before this key), "on", or "auto" (a CPU with AMX and a
+    # C++ compiler). The rule and its measurements: model.compiles; what is compiled: model.compile_decoder.
     compile: str = "off"
 
 
