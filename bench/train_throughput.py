@@ -14,10 +14,13 @@ warm-up steps, then times N optimizer steps of the loss `crystal finetune` compu
 * + bf16 base weights: + no LoRA dropout with the frozen base held in bf16
 * + math attention: + no LoRA dropout on scaled_dot_product_attention's math path instead of the CPU flash
                 kernel (what crystal finetune runs on a CPU without AMX: finetune.model.compute_context)
-* + compile:    + bf16 with the decoder under torch.compile (inductor, dynamic shapes: train.compile); slower on
+* + CPU dropout: + bf16 with LoRA's dropout masks drawn by numpy's PCG64 (finetune.model.CpuDropout, what
+                `crystal finetune` uses on a CPU) instead of torch's generator
+* + compile:    + CPU dropout with the decoder under torch.compile (inductor, dynamic shapes: train.compile); slower on
                 a Zen 5, faster on an AMX Xeon, where `crystal finetune` compiles under train.compile = "auto";
                 the compiled attention is the model's matmul + softmax (finetune.model.compile_decoder)
 * + no dropout + compile: the same on the + no LoRA dropout row
+* + compile (torch dropout): + compile with nn.Dropout's masks (what crystal finetune compiled before CpuDropout)
 * ... compile (SDPA attention): a compiled row with torch's scaled_dot_product_attention kept inside the
                 compiled graph (what train.compile did before compile_decoder switched the attention)
 * + 1 thread:   + bf16 on one torch thread (a second process would take the other core)
@@ -68,12 +71,17 @@ ROWS = {  # name -> settings; a "+ X" row adds X to the row its name extends (li
                                             "threads": 0, "dropout": 0.0, "weights": "bf16"},
     "+ math attention": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
                                      "dropout": 0.0, "attention": "math"},
+    "+ CPU dropout": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
+                                  "cpu_dropout": True},
     "+ compile": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
-                              "compile": True},
+                              "cpu_dropout": True, "compile": True},
+    "+ compile (torch dropout)": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16",
+                                             "threads": 0, "compile": True},
     "+ no dropout + compile": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16", "threads": 0,
                                            "dropout": 0.0, "compile": True},
     "+ compile (SDPA attention)": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16",
-                                              "threads": 0, "compile": True, "compiled_attention": "sdpa"},
+                                              "threads": 0, "cpu_dropout": True, "compile": True,
+                                              "compiled_attention": "sdpa"},
     "+ no dropout + compile (SDPA attention)": LORA_135M | {"loop": "crystal", "vocab": "crystal", "precision": "bf16",
                                                            "threads": 0, "dropout": 0.0, "compile": True,
                                                            "compiled_attention": "sdpa"},
@@ -137,7 +145,7 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
     from crystal_cli.finetune.config import ALL_LINEAR
     from crystal_cli.finetune.data import collate, make_examples
     from crystal_cli.finetune.model import (LossVocab, compile_decoder, completion_nll, compute_context,
-                                            crystal_vocab)
+                                            crystal_vocab, use_cpu_dropout)
     from crystal_cli.models import load_base
 
     torch.manual_seed(0)
@@ -148,6 +156,8 @@ def measure(row: str, steps: int, batch: int, length: int, warmup: int) -> dict:
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=settings.get("dropout", 0.05), target_modules=ALL_LINEAR,
                           task_type="CAUSAL_LM")
         model = get_peft_model(net, lora)
+        if settings.get("cpu_dropout"):
+            use_cpu_dropout(model)
         net = model.get_base_model()
     if settings.get("compile"):
         compile_decoder(net, torch.device("cpu"), settings.get("compiled_attention", "matmul"))

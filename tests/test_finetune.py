@@ -57,6 +57,15 @@ def full_run(records, tmp_path_factory):
     return run, finetune(config_for(records, run), run)
 
 
+DROPOUT = {"lora.dropout": 0.1}  # the tiny recipe has none; on a CPU this makes every adapter's a CpuDropout
+
+
+@pytest.fixture(scope="module")
+def dropout_run(records, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "dropout"
+    return run, finetune(config_for(records, run, **DROPOUT), run)
+
+
 def trainable_weights(run: Path, step: int) -> dict:
     return load_file(run / "checkpoints" / f"step-{step}" / "trainable.safetensors")
 
@@ -760,10 +769,11 @@ def test_task_repeats_draw_one_tasks_records_k_times_an_epoch(records, tmp_path)
             config_for(records, tmp_path / "bad", **extra)
 
 
-def test_compiled_decoder_trains_as_the_eager_one_and_saves_the_same_keys(full_run, records, tmp_path, monkeypatch):
+def test_compiled_decoder_trains_as_the_eager_one_and_saves_the_same_keys(dropout_run, records, tmp_path, monkeypatch):
     """train.compile: the rule ("auto" compiles on a CPU with AMX and a C++ compiler; "on" without a compiler is a
     one-line error), and a run under torch.compile follows the eager run's losses step for step and saves an
-    adapter with the same tensor names (Module.compile works in place: checkpoints stay readable both ways).
+    adapter with the same tensor names (Module.compile works in place: checkpoints stay readable both ways). Both
+    runs have LoRA dropout: with the seeds drawn alike, the compiled CpuDropout masks as the eager one does.
     Compiled on a CPU, the attention is the model's matmul + softmax, not the eager run's SDPA kernel: the
     matching losses are that switch's check, and the switch is a runtime setting a saved config never holds."""
     import shutil
@@ -787,10 +797,10 @@ def test_compiled_decoder_trains_as_the_eager_one_and_saves_the_same_keys(full_r
 
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor, "fallback_random", True)  # LoRA dropout draws eager's masks when compiled
-    eager_run, _ = full_run
+    eager_run, _ = dropout_run
     run = tmp_path / "compiled"
-    finetune(config_for(records, run, **{"train.compile": "on"}), run)
+    with inductor.patch(fallback_random=True):  # the dropout seeds come from eager's generator
+        finetune(config_for(records, run, **DROPOUT, **{"train.compile": "on"}), run)
     assert json.loads((run / "summary.json").read_text())["compiled"] is True
     assert json.loads((eager_run / "summary.json").read_text())["compiled"] is False
 
@@ -810,3 +820,60 @@ def test_compiled_decoder_trains_as_the_eager_one_and_saves_the_same_keys(full_r
     assert (switched.config._attn_implementation, kept.config._attn_implementation) == ("eager", "sdpa")
     switched.save_pretrained(tmp_path / "saved")
     assert "attn" not in (tmp_path / "saved" / "config.json").read_text()
+
+
+def test_cpu_dropout_zeroes_each_element_independently_and_keeps_the_expectation():
+    """CpuDropout is nn.Dropout's regulariser: a share p of the elements zeroed (within 4 standard errors), the
+    rest scaled so the mean is the input's, nothing in eval mode, masks reproduced by torch.manual_seed and fresh
+    at every call. Compiled, two dropouts of one input draw two masks (the seed is an input of the opaque op, so
+    inductor cannot merge them as it may merge two calls with equal arguments)."""
+    from crystal_cli.finetune.model import CpuDropout
+
+    dropout = CpuDropout(0.1)
+    ones = torch.ones(400_000)
+    torch.manual_seed(3)
+    first = dropout(ones)
+    dropped = float((first == 0).float().mean())
+    assert abs(dropped - 0.1) < 4 * (0.1 * 0.9 / ones.numel()) ** 0.5
+    assert torch.all((first == 0) | (first == dropout.scale)) and float(first.mean()) == pytest.approx(1.0, abs=3e-3)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(ones), first) and not torch.equal(dropout(ones), first)
+    assert dropout.eval()(ones) is ones
+    with pytest.raises(ValueError, match="dropout probability"):
+        CpuDropout(1.0)
+
+    other = CpuDropout(0.1)
+    dropout.train()
+    pair = torch.compile(lambda x: (dropout(x), other(x)), dynamic=True)
+    a, b = pair(ones)
+    assert not torch.equal(a == 0, b == 0)
+    assert all(abs(float((m == 0).float().mean()) - 0.1) < 0.0025 for m in (a, b))
+
+
+def test_a_lora_run_with_dropout_on_a_cpu_resumes_exactly(full_run, dropout_run, records, tmp_path):
+    """On a CPU a LoRA run's dropouts are CpuDropout (the saved adapter holds the same tensors: dropout has no
+    weights), they act (the losses differ from the dropout-free run's), and their seeds come from torch's
+    generator, which a checkpoint saves: a run interrupted at step 6 and resumed ends with the uninterrupted run's
+    weights."""
+    from crystal_cli.bases import resolve_base
+    from crystal_cli.finetune.model import CpuDropout, trainable
+    from crystal_cli.models import load_base
+
+    config = config_for(records, tmp_path / "probe", **DROPOUT)
+    model, _ = trainable(config, load_base(resolve_base("tiny"), torch.device("cpu"), torch.float32)[0], torch.float32)
+    dropouts = [m for m in model.modules() if isinstance(m, CpuDropout)]
+    assert len(dropouts) == 4 * 7 and not any(type(m) is torch.nn.Dropout for m in model.modules())
+
+    (straight, finished), interrupted = dropout_run, tmp_path / "interrupted"
+    assert finished.train_loss != pytest.approx(full_run[1].train_loss, abs=1e-4)
+
+    def interrupt_at_step_6(event):
+        if event.step == 6 and event.loss is not None:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert finetune(config_for(records, interrupted, **DROPOUT), interrupted, on_event=interrupt_at_step_6).steps == 6
+    resumed = finetune(config_for(records, interrupted, resume=True, **DROPOUT), interrupted, resume=True)
+    assert resumed.train_loss == pytest.approx(finished.train_loss, abs=1e-6)
+    mine, theirs = trainable_weights(interrupted, STEPS), trainable_weights(straight, STEPS)
+    assert sorted(mine) == sorted(theirs) == sorted(trainable_weights(full_run[0], STEPS))
+    assert all(torch.allclose(mine[k], theirs[k], atol=1e-6) for k in theirs)
