@@ -150,18 +150,15 @@ class CpuDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
-def use_cpu_dropout(model) -> int:
-    """Swap every LoRA dropout of a peft model (nn.Dropout with p > 0) for a CpuDropout of the same p; returns how
-    many. Dropout holds no weights, so saved adapters and checkpoints are the same either way."""
-    swapped = 0
+def use_cpu_dropout(model) -> None:
+    """Swap every LoRA dropout of a peft model (nn.Dropout with p > 0) for a CpuDropout of the same p, in place.
+    Dropout holds no weights, so saved adapters and checkpoints are the same either way."""
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
             for name, dropout in dropouts.items():
                 if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
                     dropouts[name] = CpuDropout(dropout.p)
-                    swapped += 1
-    return swapped
 
 
 @dataclass(frozen=True)
