@@ -8,6 +8,12 @@ the rate expected if space groups were drawn from the mp20-open train distributi
 The same for the crystal system of the group found (partial credit: a model that writes a hexagonal cell for
 P6_3/mmc but misses a symmetry element has learnt something the exact match does not show), and the matches at
 looser tolerances (LOOSE, Å): the most that snapping near-misses onto the asked group (symmetrising) could add.
+Because the grammar makes the first rate 100 % by construction, the same K samples per formula (same seeds) are
+also drawn with the formula prompt under the grammar's crystal format alone, composition free: what the model
+itself makes of the condition, reported beside the constrained rate (exact reduced formula, and same elements).
+And both rates have a second baseline, the model's own: the same seeds under the unconditional prompt. A model
+that ignores the prompt matches a target's group as often as its unconditional samples have that group, which
+for a model that favours one group is far above the train distribution's no-skill rate.
 
     python bench/conditional.py                     # shipped default model, 20 formulas x 5 samples
     python bench/conditional.py --model runs/NAME --formulas 50 -k 10
@@ -53,6 +59,57 @@ def pick_targets(test_csv: Path, count: int, max_atoms: int, seed: int) -> list[
              "spacegroup": codec.spacegroup_number(rows[i][1])} for i in sorted(order)]
 
 
+def free_samples(args: argparse.Namespace, targets: list[dict], name: str, prompts: list[str]) -> list[list]:
+    """Per target, K samples (parsed structures, None where a text does not parse) drawn with its prompt under
+    the crystal grammar without a composition constraint, seeded as the pinned samples, the distance guard as
+    `crystal generate`'s default. Written to OUT/NAME.jsonl once all are drawn, and read back on a rerun."""
+    from crystal_cli import codec
+    from crystal_cli.grammar import crystal_gbnf
+    from crystal_cli.models import LLM, resolve_model
+    from crystal_cli.runs import write_jsonl
+    from crystal_cli.sampling import GenerateOptions
+    from crystal_cli.sampling.generate import load_llama, open_backend
+    from crystal_cli.sampling.llama_backend import Job, job_seed
+    from crystal_cli.structure_io import read_jsonl
+
+    path = args.out / f"{name}.jsonl"
+    if not path.exists():
+        options = GenerateOptions(model=args.model, output=path, n=args.k, temperature=args.temperature, top_p=1.0,
+                                  max_atoms=args.max_atoms, parallel=args.k)
+        source = resolve_model(args.model, LLM)
+        loaded = load_llama(options, source)
+        gbnf = crystal_gbnf(args.max_atoms)
+        rows = []
+        try:
+            for i, prompt in enumerate(prompts):
+                backend = open_backend(options, source, gbnf, loaded)
+                try:
+                    jobs = [Job(j, job_seed(args.seed + i, j)) for j in range(args.k)]
+                    rows += [{"target": i, "index": f.index, "prompt": prompt, "text": f.text}
+                             for f in backend.run(prompt, jobs)]
+                finally:
+                    backend.close()
+        finally:
+            loaded[0].close()
+        write_jsonl(path, rows)
+    structures: list[list] = [[] for _ in targets]
+    for row in read_jsonl(path):
+        structures[row["target"]].append(codec.parse_crystal(row["text"]).structure)
+    return structures
+
+
+def composition_matches(targets: list[dict], samples: list[list]) -> tuple[int, int]:
+    """(samples with the target's reduced formula, samples with exactly its elements), over all targets."""
+    from pymatgen.core import Composition
+
+    exact = elements = 0
+    for target, structures in zip(targets, samples):
+        wanted = set(Composition(target["formula"]).elements)
+        exact += sum(s is not None and s.composition.reduced_formula == target["formula"] for s in structures)
+        elements += sum(s is not None and set(s.composition.elements) == wanted for s in structures)
+    return exact, elements
+
+
 def crystal_system(group: int | None) -> str | None:
     from pymatgen.symmetry.groups import SpaceGroup
 
@@ -87,6 +144,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from crystal_cli import codec
+    from crystal_cli.grammar import formula_constraint
     from crystal_cli.sampling import GenerateOptions, generate
     from crystal_cli.structure_io import read_jsonl
 
@@ -130,9 +188,25 @@ def main() -> None:
         print(f"{target['formula']:>14s} (sg {target['spacegroup']:3d}): composition {result['exact_composition']}, "
               f"space group {result['spacegroup_match']}", flush=True)
 
+    # the formula as generate states it in its prompt
+    formula_prompts = [codec.conditional_prompt({"formula": formula_constraint(t["formula"], args.max_atoms).formula})
+                       for t in targets]
+    free = free_samples(args, targets, "formula-prompt-only", formula_prompts)
+    bare = free_samples(args, targets, "unconditional-prompt", [codec.unconditional_prompt()] * len(targets))
+    free_n = sum(len(structures) for structures in free)
+    bare_n = sum(len(structures) for structures in bare)
+    free_exact, free_elements = composition_matches(targets, free)
+    bare_exact, bare_elements = composition_matches(targets, bare)
+    bare_groups = [[codec.spacegroup_number(s) if s is not None else None for s in structures] for structures in bare]
+    bare_group_hits = sum(g == t["spacegroup"] for t, found in zip(targets, bare_groups) for g in found)
+    bare_system_hits = sum(crystal_system(g) == crystal_system(t["spacegroup"])
+                           for t, found in zip(targets, bare_groups) for g in found)
+
     from crystal_cli.evaluate.stats import wilson
 
     composition, groups = wilson(composition_hits, composition_n), wilson(group_hits, group_n)
+    prompt_exact, prompt_elements = wilson(free_exact, free_n), wilson(free_elements, free_n)
+    bare_groups_rate, bare_systems = wilson(bare_group_hits, bare_n), wilson(bare_system_hits, bare_n)
     systems = wilson(system_hits, group_n)
     baseline, system_baseline = (train_shares(args.records, [t["spacegroup"] for t in targets])
                                  if args.records.exists() else (None, None))
@@ -140,6 +214,12 @@ def main() -> None:
         "model": args.model or "default (models/default)", "formulas": len(targets), "k": args.k,
         "temperature": args.temperature, "symprec": codec.SYMPREC,
         "exact_composition": composition.as_dict(),
+        "prompt_only_exact_composition": prompt_exact.as_dict(),
+        "prompt_only_same_elements": prompt_elements.as_dict(),
+        "unconditional_prompt_exact_composition": wilson(bare_exact, bare_n).as_dict(),
+        "unconditional_prompt_same_elements": wilson(bare_elements, bare_n).as_dict(),
+        "unconditional_prompt_spacegroup_match": bare_groups_rate.as_dict(),
+        "unconditional_prompt_crystal_system_match": bare_systems.as_dict(),
         "spacegroup_match": groups.as_dict(),
         "spacegroup_no_skill_rate": baseline,
         "spacegroup_match_looser": {str(t): wilson(loose_hits[t], group_n).as_dict() for t in LOOSE},
@@ -149,15 +229,22 @@ def main() -> None:
     }
     (args.out / "conditional.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n--formula: exact composition {composition_hits}/{composition_n} = {composition.rate:.1%} "
-          f"(95 % CI {composition.low:.1%}–{composition.high:.1%})")
+          f"(95 % CI {composition.low:.1%}–{composition.high:.1%}; the grammar pins it)")
+    print(f"--formula in the prompt only (composition free): exact {free_exact}/{free_n} = {prompt_exact.rate:.1%} "
+          f"(95 % CI {prompt_exact.low:.1%}–{prompt_exact.high:.1%}), same elements {free_elements}/{free_n} = "
+          f"{prompt_elements.rate:.1%} (95 % CI {prompt_elements.low:.1%}–{prompt_elements.high:.1%}); the "
+          f"unconditional prompt, same seeds: exact {bare_exact}/{bare_n}, same elements {bare_elements}/{bare_n}")
     print(f"--spacegroup: symmetry matches (symprec {codec.SYMPREC}) {group_hits}/{group_n} = {groups.rate:.1%} "
           f"(95 % CI {groups.low:.1%}–{groups.high:.1%})"
-          + (f"; no-skill rate from the train distribution {baseline:.1%}" if baseline is not None else ""))
+          + (f"; no-skill rate from the train distribution {baseline:.1%}" if baseline is not None else "")
+          + f"; the unconditional prompt, same seeds (the model's own no-skill rate): {bare_group_hits}/{bare_n} = "
+            f"{bare_groups_rate.rate:.1%} (95 % CI {bare_groups_rate.low:.1%}–{bare_groups_rate.high:.1%})")
     print("--spacegroup: matches at looser tolerances (near-misses a symmetrising step could snap): "
           + ", ".join(f"symprec {t} Å {loose_hits[t]}/{group_n}" for t in LOOSE))
     print(f"--spacegroup: crystal system matches {system_hits}/{group_n} = {systems.rate:.1%} "
           f"(95 % CI {systems.low:.1%}–{systems.high:.1%})"
-          + (f"; no-skill rate {system_baseline:.1%}" if system_baseline is not None else ""))
+          + (f"; no-skill rate {system_baseline:.1%}" if system_baseline is not None else "")
+          + f"; the unconditional prompt {bare_system_hits}/{bare_n} = {bare_systems.rate:.1%}")
 
 
 if __name__ == "__main__":
