@@ -62,10 +62,11 @@ def pick_targets(test_csv: Path, count: int, max_atoms: int, seed: int) -> list[
 def free_samples(args: argparse.Namespace, targets: list[dict], name: str, prompts: list[str]) -> list[list]:
     """Per target, K samples (parsed structures, None where a text does not parse) drawn with its prompt under
     the crystal grammar without a composition constraint, seeded as the pinned samples, the distance guard as
-    `crystal generate`'s default. Written to OUT/NAME.jsonl once all are drawn, and read back on a rerun."""
+    `crystal generate`'s default. Written to OUT/NAME.jsonl once all are drawn, each row with the settings that
+    drew it, and read back on a rerun with the same settings (another model or setting is refused)."""
     from crystal_cli import codec
     from crystal_cli.grammar import crystal_gbnf
-    from crystal_cli.models import LLM, resolve_model
+    from crystal_cli.models import LLM, model_fingerprint, resolve_model
     from crystal_cli.runs import write_jsonl
     from crystal_cli.sampling import GenerateOptions
     from crystal_cli.sampling.generate import load_llama, open_backend
@@ -73,10 +74,12 @@ def free_samples(args: argparse.Namespace, targets: list[dict], name: str, promp
     from crystal_cli.structure_io import read_jsonl
 
     path = args.out / f"{name}.jsonl"
+    source = resolve_model(args.model, LLM)
+    settings = {"model_sha256": model_fingerprint(source), "k": args.k, "temperature": args.temperature,
+                "max_atoms": args.max_atoms, "seed": args.seed, "prompts": len(prompts)}
     if not path.exists():
         options = GenerateOptions(model=args.model, output=path, n=args.k, temperature=args.temperature, top_p=1.0,
                                   max_atoms=args.max_atoms, parallel=args.k)
-        source = resolve_model(args.model, LLM)
         loaded = load_llama(options, source)
         gbnf = crystal_gbnf(args.max_atoms)
         rows = []
@@ -85,7 +88,7 @@ def free_samples(args: argparse.Namespace, targets: list[dict], name: str, promp
                 backend = open_backend(options, source, gbnf, loaded)
                 try:
                     jobs = [Job(j, job_seed(args.seed + i, j)) for j in range(args.k)]
-                    rows += [{"target": i, "index": f.index, "prompt": prompt, "text": f.text}
+                    rows += [{"target": i, "index": f.index, "prompt": prompt, "text": f.text, "settings": settings}
                              for f in backend.run(prompt, jobs)]
                 finally:
                     backend.close()
@@ -94,6 +97,9 @@ def free_samples(args: argparse.Namespace, targets: list[dict], name: str, promp
         write_jsonl(path, rows)
     structures: list[list] = [[] for _ in targets]
     for row in read_jsonl(path):
+        if row.get("settings") != settings:
+            raise SystemExit(f"conditional: {path} was drawn with other settings ({row.get('settings')}, now "
+                             f"{settings}); pass another --out")
         structures[row["target"]].append(codec.parse_crystal(row["text"]).structure)
     return structures
 
