@@ -69,7 +69,7 @@ def free_samples(args: argparse.Namespace, targets: list[dict], name: str, promp
     from crystal_cli.models import LLM, model_fingerprint, resolve_model
     from crystal_cli.runs import write_jsonl
     from crystal_cli.sampling import GenerateOptions
-    from crystal_cli.sampling.generate import load_llama, open_backend
+    from crystal_cli.sampling.generate import open_backend
     from crystal_cli.sampling.llama_backend import Job, job_seed
     from crystal_cli.structure_io import read_jsonl
 
@@ -80,20 +80,15 @@ def free_samples(args: argparse.Namespace, targets: list[dict], name: str, promp
     if not path.exists():
         options = GenerateOptions(model=args.model, output=path, n=args.k, temperature=args.temperature, top_p=1.0,
                                   max_atoms=args.max_atoms, parallel=args.k)
-        loaded = load_llama(options, source)
-        gbnf = crystal_gbnf(args.max_atoms)
+        backend = open_backend(options, source, crystal_gbnf(args.max_atoms))  # one model and grammar for all
         rows = []
         try:
             for i, prompt in enumerate(prompts):
-                backend = open_backend(options, source, gbnf, loaded)
-                try:
-                    jobs = [Job(j, job_seed(args.seed + i, j)) for j in range(args.k)]
-                    rows += [{"target": i, "index": f.index, "prompt": prompt, "text": f.text, "settings": settings}
-                             for f in backend.run(prompt, jobs)]
-                finally:
-                    backend.close()
+                jobs = [Job(j, job_seed(args.seed + i, j)) for j in range(args.k)]
+                rows += [{"target": i, "index": f.index, "prompt": prompt, "text": f.text, "settings": settings}
+                         for f in backend.run(prompt, jobs)]
         finally:
-            loaded[0].close()
+            backend.close()
         write_jsonl(path, rows)
     structures: list[list] = [[] for _ in targets]
     for row in read_jsonl(path):

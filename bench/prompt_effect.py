@@ -1,7 +1,8 @@
 """Does the model read its prompt? Teacher-forced log-likelihood of true crystals under three prompts.
 
 For N val records of one conditional task (formula or spacegroup), the negative log-likelihood (nats, summed
-over the completion's tokens, full-vocabulary softmax) of the record's crystal text under its own prompt, under
+over the completion's tokens and EOS, full-vocabulary softmax: `crystal perplexity`'s quantity,
+perplexity.summed_nll) of the record's crystal text under its own prompt, under
 Crystal-LLM's unconditional prompt, and under the prompt of another record of the task (the condition of record
 i + OFFSET). A model that uses the condition gives the true crystal a higher likelihood under its own prompt than
 under the unconditional or a wrong one; a model that ignores it gives all three the same. Sampling tells the
@@ -40,10 +41,10 @@ def main() -> None:
     parser.add_argument("--records", type=Path, default=ROOT / "runs/data/mp20-open/val.jsonl")
     args = parser.parse_args()
 
-    import torch
-
     from crystal_cli import codec
+    from crystal_cli.finetune.data import Example, tokenize_completion
     from crystal_cli.models import LLM, load_trained, resolve_model
+    from crystal_cli.perplexity import summed_nll
     from crystal_cli.structure_io import read_jsonl
 
     if not args.records.exists():
@@ -53,22 +54,18 @@ def main() -> None:
         raise SystemExit(f"prompt_effect: {args.records} has {len(records)} {args.task} records, need > {args.offset}")
     model, tokenizer = load_trained(resolve_model(args.model, LLM))
 
-    def nll(prompt: str, completion: str) -> float:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt_ids + completion_ids])).logits[0, len(prompt_ids) - 1:-1]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        return -float(log_probs.gather(1, torch.tensor(completion_ids)[:, None]).sum())
-
-    field = args.task
-    totals = {"own prompt": 0.0, "unconditional prompt": 0.0, WRONG: 0.0}
-    for i, record in enumerate(records):
-        wrong = records[(i + args.offset) % len(records)][field]
-        totals["own prompt"] += nll(record["prompt"], record["completion"])
-        totals["unconditional prompt"] += nll(codec.unconditional_prompt(), record["completion"])
-        totals[WRONG] += nll(codec.conditional_prompt({field: wrong}), record["completion"])
-    means = {name: total / len(records) for name, total in totals.items()}
+    prompts = {
+        "own prompt": [r["prompt"] for r in records],
+        "unconditional prompt": [codec.unconditional_prompt()] * len(records),
+        WRONG: [codec.conditional_prompt({args.task: records[(i + args.offset) % len(records)][args.task]})
+                for i in range(len(records))],
+    }
+    completions = [tokenize_completion(tokenizer, r["completion"]) for r in records]
+    means = {}
+    for name, texts in prompts.items():
+        examples = [Example(tokenizer(prompt)["input_ids"], r["completion"], ids, True)
+                    for prompt, r, ids in zip(texts, records, completions)]
+        means[name] = sum(summed_nll(model, examples, tokenizer.pad_token_id)) / len(records)
     print(json.dumps({"model": args.model, "task": args.task, "records": len(records),
                       "nll_nats_per_crystal": {k: round(v, 2) for k, v in means.items()}}, indent=2))
     own = means["own prompt"]

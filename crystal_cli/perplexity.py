@@ -152,18 +152,10 @@ def perplexity(
                 examples.append((index, variant, example))
     per_variant: dict[int, dict[int, float]] = {}  # item -> variant -> perplexity
     token_counts: dict[int, int] = {}
-    order = sorted(range(len(examples)), key=lambda k: examples[k][2].length)
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = [examples[k] for k in order[start:start + batch_size]]
-            batch = {k: v.to(device) for k, v in collate([e for _, _, e in chunk], tokenizer.pad_token_id).items()}
-            nll, rows = completion_nll(model, batch)
-            sums = torch.zeros(len(chunk), dtype=torch.float64, device=nll.device).index_add_(0, rows, nll.double())
-            for (index, variant, example), total in zip(chunk, sums.tolist()):
-                per_variant.setdefault(index, {})[variant] = math.exp(total / len(example.completion_ids))
-                token_counts.setdefault(index, len(example.completion_ids))
-            if progress:
-                progress(min(start + batch_size, len(order)), len(order))
+    totals = summed_nll(model, [e for _, _, e in examples], tokenizer.pad_token_id, batch_size, device, progress)
+    for (index, variant, example), total in zip(examples, totals):
+        per_variant.setdefault(index, {})[variant] = math.exp(total / len(example.completion_ids))
+        token_counts.setdefault(index, len(example.completion_ids))
     scored = []
     for index, item in enumerate(items):
         found = per_variant.get(index, {})
@@ -174,6 +166,25 @@ def perplexity(
         ipt = float(np.mean(translated) - min(found.values())) if translated else None
         scored.append(Scored(item.id, item.task, token_counts[index], found[0], ipt, translated))
     return PerplexityReport(scored, dict(skipped), translations)
+
+
+def summed_nll(model, examples: list[Example], pad_id: int, batch_size: int = 8, device: str = "cpu",
+               progress: Callable[[int, int], None] | None = None) -> list[float]:
+    """Each example's completion NLL (nats, its completion tokens and EOS summed; full-vocabulary softmax), in
+    the examples' order, scored in batches of similar lengths."""
+    order = sorted(range(len(examples)), key=lambda k: examples[k].length)
+    totals = [0.0] * len(examples)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([examples[k] for k in chunk], pad_id).items()}
+            nll, rows = completion_nll(model, batch)
+            sums = torch.zeros(len(chunk), dtype=torch.float64, device=nll.device).index_add_(0, rows, nll.double())
+            for k, total in zip(chunk, sums.tolist()):
+                totals[k] = total
+            if progress:
+                progress(min(start + batch_size, len(order)), len(order))
+    return totals
 
 
 def check_output(path: str | Path | None, overwrite: bool = False) -> Path | None:
