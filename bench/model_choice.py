@@ -53,8 +53,9 @@ def train(recipes: list[Path], out: Path, minutes: float, threads: int) -> dict[
     return cpu
 
 
-def sample(run: Path, n: int, temperature: float) -> Path:
-    out = run / f"samples-t{temperature}-n{n}.cif"
+def sample(run: Path, n: int, temperature: float, folder: Path | None = None) -> Path:
+    """n unconditional samples of `run` (seed 0, top-p 1.0, guard off) into FOLDER (default: the run); the sidecar."""
+    out = (folder or run) / f"samples-t{temperature}-n{n}.cif"
     if (out.with_suffix(".jsonl")).is_file():
         return out.with_suffix(".jsonl")
     command = [CRYSTAL, "generate", "-m", str(run), "-n", str(n), "--temperature", str(temperature), "--top-p", "1.0",

@@ -32,6 +32,37 @@ TASKS = ("formula", "spacegroup")  # tasks whose prompt states a record field of
 WRONG = "another record's prompt"
 
 
+def prompt_nlls(model_spec: str, task: str, n: int = 60, offset: int = 7,
+                records_path: Path = ROOT / "runs/data/mp20-open/val.jsonl") -> dict[str, float]:
+    """Mean summed NLL (nats per crystal) of the first n val records of `task` under each of the three prompts."""
+    from crystal_cli import codec
+    from crystal_cli.finetune.data import Example, tokenize_completion
+    from crystal_cli.models import LLM, load_trained, resolve_model
+    from crystal_cli.perplexity import summed_nll
+    from crystal_cli.structure_io import read_jsonl
+
+    if not records_path.exists():
+        raise SystemExit(f"prompt_effect: {records_path} is missing (make corpus)")
+    records = [r for r in read_jsonl(records_path) if r.get("task") == task][:n]
+    if len(records) <= offset:
+        raise SystemExit(f"prompt_effect: {records_path} has {len(records)} {task} records, need > {offset}")
+    model, tokenizer = load_trained(resolve_model(model_spec, LLM))
+
+    prompts = {
+        "own prompt": [r["prompt"] for r in records],
+        "unconditional prompt": [codec.unconditional_prompt()] * len(records),
+        WRONG: [codec.conditional_prompt({task: records[(i + offset) % len(records)][task]})
+                for i in range(len(records))],
+    }
+    completions = [tokenize_completion(tokenizer, r["completion"]) for r in records]
+    means = {}
+    for name, texts in prompts.items():
+        examples = [Example(tokenizer(prompt)["input_ids"], r["completion"], ids, True)
+                    for prompt, r, ids in zip(texts, records, completions)]
+        means[name] = sum(summed_nll(model, examples, tokenizer.pad_token_id)) / len(records)
+    return means
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="finished run directory or shipped name")
@@ -41,32 +72,8 @@ def main() -> None:
     parser.add_argument("--records", type=Path, default=ROOT / "runs/data/mp20-open/val.jsonl")
     args = parser.parse_args()
 
-    from crystal_cli import codec
-    from crystal_cli.finetune.data import Example, tokenize_completion
-    from crystal_cli.models import LLM, load_trained, resolve_model
-    from crystal_cli.perplexity import summed_nll
-    from crystal_cli.structure_io import read_jsonl
-
-    if not args.records.exists():
-        raise SystemExit(f"prompt_effect: {args.records} is missing (make corpus)")
-    records = [r for r in read_jsonl(args.records) if r.get("task") == args.task][:args.n]
-    if len(records) <= args.offset:
-        raise SystemExit(f"prompt_effect: {args.records} has {len(records)} {args.task} records, need > {args.offset}")
-    model, tokenizer = load_trained(resolve_model(args.model, LLM))
-
-    prompts = {
-        "own prompt": [r["prompt"] for r in records],
-        "unconditional prompt": [codec.unconditional_prompt()] * len(records),
-        WRONG: [codec.conditional_prompt({args.task: records[(i + args.offset) % len(records)][args.task]})
-                for i in range(len(records))],
-    }
-    completions = [tokenize_completion(tokenizer, r["completion"]) for r in records]
-    means = {}
-    for name, texts in prompts.items():
-        examples = [Example(tokenizer(prompt)["input_ids"], r["completion"], ids, True)
-                    for prompt, r, ids in zip(texts, records, completions)]
-        means[name] = sum(summed_nll(model, examples, tokenizer.pad_token_id)) / len(records)
-    print(json.dumps({"model": args.model, "task": args.task, "records": len(records),
+    means = prompt_nlls(args.model, args.task, args.n, args.offset, args.records)
+    print(json.dumps({"model": args.model, "task": args.task, "records": args.n,
                       "nll_nats_per_crystal": {k: round(v, 2) for k, v in means.items()}}, indent=2))
     own = means["own prompt"]
     print(f"\n{args.task}: the own prompt's gain over the unconditional one {means['unconditional prompt'] - own:.2f} "

@@ -31,7 +31,7 @@ STEPS = 16
 # tiny-test recipe, shrunk to the test budget: short crystals, no accumulation, a checkpoint every 4 steps
 OVERRIDES = {"train.max_steps": STEPS, "train.batch_size": 4, "train.grad_accum": 1, "train.eval_every": 8,
              "train.checkpoint_every": 4, "train.log_every": 4, "data.max_length": 160, "data.val_records": 12,
-             "train.threads": 1}
+             "train.threads": 1, "train.snapshot_every": 8}
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,25 @@ def test_tiny_finetune_lowers_val_loss(full_run):
     assert config["train"]["max_steps"] == STEPS and config["train"]["batch_size"] == 4  # overrides won
     assert config["lora"]["r"] == 8 and config["data"]["translate"] == 0.5  # recipe values kept
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-12", "step-16"]  # keep_checkpoints=2
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step-16", "step-8"]  # snapshot_every=8, kept
+
+
+def test_a_snapshot_is_the_run_at_its_step(full_run, records):
+    """RUN/snapshots/step-8 reads as a run directory and gives the val loss the trainer logged at step 8."""
+    run, result = full_run
+    logged = {r["step"]: r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "val_loss" in r}
+    val = None
+    for step in (8, 16):
+        model, tokenizer = load_trained(run / "snapshots" / f"step-{step}")
+        if val is None:
+            fitting, _ = make_examples(tokenizer, read_records(records / "val.jsonl"), 160)
+            val = collate([fitting[i] for i in sorted(np.random.default_rng([0, 7]).permutation(len(fitting))[:12])],
+                          tokenizer.pad_token_id)
+        with torch.no_grad():
+            nll, _ = completion_nll(model, val)
+        assert float(nll.mean()) == pytest.approx(logged[step], abs=1e-4), step
+    assert logged[8] != pytest.approx(logged[16], abs=1e-3)  # two different models, each its own step's
 
 
 def test_adapter_loads_with_peft_and_has_no_embeddings(full_run, records):
@@ -195,6 +214,7 @@ def test_resume_refuses_to_change_the_run(full_run, records):
     with pytest.raises(CrystalError, match="already holds a run"):
         config_for(records, run)
     assert config_for(records, run, resume=True, **{"train.max_steps": 20}).train.max_steps == 20
+    assert config_for(records, run, resume=True, **{"train.snapshot_every": 4}).train.snapshot_every == 4
 
 
 def test_batches_are_a_seeded_permutation():

@@ -78,6 +78,9 @@ class TrainSection:
     eval_every: int = 100
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # > 0: also keep the weights of every snapshot_every-th step as RUN/snapshots/step-N, a run directory of its
+    # own (`crystal generate -m RUN/snapshots/step-N`): a long run's learning curve, sampled after the fact
+    snapshot_every: int = 0
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
@@ -106,7 +109,7 @@ class RunConfig:
 
 
 RESUME_OVERRIDABLE = {"train.max_steps", "train.max_minutes", "train.threads", "train.compile", "train.eval_every",
-                      "train.checkpoint_every", "train.log_every", "train.keep_checkpoints"}
+                      "train.checkpoint_every", "train.log_every", "train.keep_checkpoints", "train.snapshot_every"}
 CHOICES = {"train.precision": ("auto", "fp32", "bf16"), "train.method": ("lora", "full"),
            "train.loss_vocab": ("full", "crystal"), "data.site_order": ("as-given", "sorted"),
            "data.positives_sizes": ("own", "train"), "train.compile": ("off", "on", "auto")}
@@ -136,6 +139,8 @@ def _check_ranges(config: RunConfig, where: str) -> None:
     for key, value in positive.items():
         if value < 1:
             raise CrystalError(f"{where}: {key} must be >= 1, got {value}")
+    if t.snapshot_every < 0:
+        raise CrystalError(f"{where}: train.snapshot_every must be >= 0 (0: no snapshots), got {t.snapshot_every}")
     if t.max_steps < 1 and t.epochs <= 0:
         raise CrystalError(f"{where}: give train.max_steps >= 1 or train.epochs > 0")
     if not 0.0 <= d.translate <= 1.0 or not 0.0 <= lora.dropout < 1.0:

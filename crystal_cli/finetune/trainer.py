@@ -8,6 +8,7 @@ A run directory holds everything needed to reproduce, resume or use a run::
     RUN/adapter/             the final PEFT adapter (no embedding or lm_head weights), train.method = lora
     RUN/model/               the whole trained model (transformers directory + tokenizer), train.method = full
     RUN/summary.json         data counts, steps, final losses, wall time
+    RUN/snapshots/step-N/    with train.snapshot_every: that step's weights and config.json, kept (a run directory)
 
 Exact resume: batch order and augmentation are pure functions of (seed, epoch, position), and the
 checkpoint carries optimizer, scheduler and torch RNG state, so a resumed run replays the same steps.
@@ -416,6 +417,24 @@ class _Trainer:
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
 
+    def _save_snapshot(self, step: int) -> None:
+        """RUN/snapshots/step-N: the weights just saved and the run's config, renamed in: a run directory of its
+        own that generate, export and perplexity read like the run, and that no checkpoint pruning touches."""
+        from crystal_cli.models import ADAPTER_DIR, MODEL_DIR
+
+        if self.rank != 0:
+            return
+        snapshots = self.run_dir / "snapshots"
+        snapshots.mkdir(exist_ok=True)
+        tmp = snapshots / f".tmp-step-{step}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        name = MODEL_DIR if self.config.train.method == "full" else ADAPTER_DIR
+        shutil.copytree(self.run_dir / name, tmp / name)
+        shutil.copy(self.run_dir / CONFIG_FILE, tmp / CONFIG_FILE)
+        final = snapshots / f"step-{step}"
+        shutil.rmtree(final, ignore_errors=True)  # a resumed run replays the steps after its checkpoint
+        os.replace(tmp, final)
+
     # -------------------------------------------------------------------------------------------- loop
 
     def run(self, resume: bool, on_event: Callable[[StepEvent], None]) -> FinetuneResult:
@@ -480,9 +499,12 @@ class _Trainer:
                         log({"step": step, "examples": step * examples_per_step, "val_loss": val_loss})
                         on_event(StepEvent(step=step, max_steps=self.max_steps, val_loss=val_loss))
                     stop = self._all_agree(stopper.requested)
-                    if stop or last or step % train.checkpoint_every == 0:
+                    snapshot = train.snapshot_every > 0 and step % train.snapshot_every == 0
+                    if stop or last or snapshot or step % train.checkpoint_every == 0:
                         self.save_checkpoint(step, {"tokens": tokens, "elapsed_s": time.perf_counter() - started,
                                                     "first_val_loss": first_val})
+                    if snapshot:
+                        self._save_snapshot(step)
                     if stop:
                         interrupted = True
                         break

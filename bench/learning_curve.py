@@ -1,0 +1,86 @@
+"""A long run's learning curve: validity, val loss and prompt reading against crystals seen.
+
+For every snapshot a run kept (RUN/snapshots/step-N, written every train.snapshot_every steps) this reads the
+val loss the trainer logged at that step, draws --samples unconditional samples at --temperature through
+`crystal generate` (llama.cpp, the grammar on, the distance guard off, seed 0: bench/model_choice.py's
+protocol) and scores their structural and compositional validity, and, with --prompt-records N, takes
+bench/prompt_effect.py's formula-task NLLs of N val crystals under their own and the unconditional prompt (the
+nats the formula prompt is worth to the model). Each step's result is kept in OUT/step-N.json, so a rerun after
+more snapshots only evaluates the new ones; OUT/curve.json holds them all.
+
+    python bench/learning_curve.py runs/smollm2-long --out runs/smollm2-long-eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from crystal_cli.runtime import configure_process  # noqa: E402
+
+configure_process()
+
+from model_choice import sample, score  # noqa: E402
+from prompt_effect import prompt_nlls  # noqa: E402
+
+
+def snapshots(run: Path) -> list[tuple[int, Path]]:
+    found = [(int(p.name.removeprefix("step-")), p) for p in (run / "snapshots").glob("step-*") if p.is_dir()]
+    return sorted(found)
+
+
+def evaluate_step(run: Path, step: int, snapshot: Path, args: argparse.Namespace) -> dict:
+    config = json.loads((run / "config.json").read_text())["train"]
+    logged = {r["step"]: r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "val_loss" in r}
+    folder = args.out / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    result = {"step": step, "examples": step * config["batch_size"] * config["grad_accum"],
+              "val_loss": logged.get(step), "snapshot": str(snapshot)}
+    result |= score(sample(snapshot, args.samples, args.temperature, folder))
+    if args.prompt_records:
+        nll = prompt_nlls(str(snapshot), "formula", args.prompt_records)
+        result["formula_nll_own"] = nll["own prompt"]
+        result["formula_nll_unconditional"] = nll["unconditional prompt"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a finetune run directory with snapshots/")
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--prompt-records", type=int, default=60, help="formula val records for the prompt NLLs; 0: skip")
+    parser.add_argument("--out", type=Path, default=None, help="default: RUN-curve")
+    args = parser.parse_args()
+    args.out = args.out or args.run.with_name(args.run.name + "-curve")
+    found = snapshots(args.run)
+    if not found:
+        raise SystemExit(f"learning_curve: {args.run}/snapshots holds no step-N (train with train.snapshot_every > 0)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {"samples": args.samples, "temperature": args.temperature, "prompt_records": args.prompt_records}
+    results = []
+    for step, snapshot in found:
+        path = args.out / f"step-{step}.json"
+        if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
+            result = json.loads(path.read_text())
+        else:
+            result = evaluate_step(args.run, step, snapshot, args) | {"settings": settings}
+            path.write_text(json.dumps(result, indent=2) + "\n")
+        results.append(result)
+        gain = (f", formula prompt worth {result['formula_nll_unconditional'] - result['formula_nll_own']:.1f} nats"
+                if "formula_nll_own" in result else "")
+        val = "—" if result["val_loss"] is None else f"{result['val_loss']:.4f}"
+        print(f"step {step:5d} ({result['examples']:,} examples): val loss {val}, structural "
+              f"{result['structural']:.0%} ({result['structural_ci'][0]:.0%}–{result['structural_ci'][1]:.0%}), "
+              f"compositional {result['compositional']:.0%} of {result['n']}{gain}", flush=True)
+    (args.out / "curve.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
