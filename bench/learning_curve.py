@@ -82,7 +82,8 @@ def main() -> None:
         wanted = {int(step) for step in args.steps.split(",")}
         found = [(step, path) for step, path in found if step in wanted]
     if not found:
-        raise SystemExit(f"learning_curve: {args.run}/snapshots holds no step-N (train with train.snapshot_every > 0)")
+        raise SystemExit(f"learning_curve: {args.run} has no snapshot{' of steps ' + args.steps if args.steps else ''} "
+                         "(train with train.snapshot_every > 0)")
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"samples": args.samples, "temperature": args.temperature, "prompt_records": args.prompt_records}
     results = []
