@@ -47,14 +47,11 @@ def snapshots(run: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def evaluate_step(run: Path, step: int, snapshot: Path, args: argparse.Namespace) -> dict:
-    config = json.loads((run / "config.json").read_text())["train"]
-    logged = {r["step"]: r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-              if "val_loss" in r}
+def evaluate_step(step: int, snapshot: Path, examples_per_step: int, logged: dict[int, float],
+                  args: argparse.Namespace) -> dict:
     folder = args.out / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
-    result = {"step": step, "examples": step * config["batch_size"] * config["grad_accum"],
-              "val_loss": logged.get(step), "snapshot": str(snapshot)}
+    result = {"step": step, "examples": step * examples_per_step, "val_loss": logged.get(step), "snapshot": str(snapshot)}
     sidecar = sample(snapshot, args.samples, args.temperature, folder)
     result |= score(sidecar)
     # a model that has not learnt to end its text writes sites up to crystal generate's cap (--max-atoms 20)
@@ -85,6 +82,9 @@ def main() -> None:
         raise SystemExit(f"learning_curve: {args.run} has no snapshot{' of steps ' + args.steps if args.steps else ''} "
                          "(train with train.snapshot_every > 0)")
     args.out.mkdir(parents=True, exist_ok=True)
+    train = json.loads((args.run / "config.json").read_text())["train"]
+    logged = {r["step"]: r["val_loss"] for r in map(json.loads, (args.run / "metrics.jsonl").read_text().splitlines())
+              if "val_loss" in r}
     settings = {"samples": args.samples, "temperature": args.temperature, "prompt_records": args.prompt_records}
     results = []
     for step, snapshot in found:
@@ -92,7 +92,7 @@ def main() -> None:
         if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
             result = json.loads(path.read_text())
         else:
-            result = evaluate_step(args.run, step, snapshot, args) | {"settings": settings}
+            result = evaluate_step(step, snapshot, train["batch_size"] * train["grad_accum"], logged, args) | {"settings": settings}
             path.write_text(json.dumps(result, indent=2) + "\n")
         results.append(result)
         gain = (f", formula prompt worth {result['formula_nll_unconditional'] - result['formula_nll_own']:.1f} nats"
